@@ -1,0 +1,1 @@
+"""Merge Studio's Qt front end. The only package that imports Qt."""

@@ -1,0 +1,114 @@
+"""The application entry point and a first main window.
+
+This window is deliberately small (the full workspace is its own piece of
+work): it opens a mergekit recipe, runs the engine's preflight in a worker
+thread and shows the plan. The GUI thread never waits on the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtGui import QAction, QFont
+from PySide6.QtWidgets import (
+    QApplication,
+    QFileDialog,
+    QLabel,
+    QMainWindow,
+    QPlainTextEdit,
+    QSplitter,
+    QTabWidget,
+    QListWidget,
+    QWidget,
+    QVBoxLayout,
+)
+
+
+class PreflightWorker(QObject):
+    """Runs ``mergestudio check`` logic off the GUI thread."""
+
+    finished = Signal(str)
+
+    def __init__(self, recipe_path: Path) -> None:
+        super().__init__()
+        self.recipe_path = recipe_path
+
+    @Slot()
+    def run(self) -> None:
+        import io
+        from contextlib import redirect_stdout
+
+        from core.cli import main as cli_main
+
+        buffer = io.StringIO()
+        errors = io.StringIO()
+        from contextlib import redirect_stderr
+
+        with redirect_stdout(buffer), redirect_stderr(errors):
+            cli_main(["check", str(self.recipe_path)])
+        self.finished.emit(buffer.getvalue() + errors.getvalue())
+
+
+class MainWindow(QMainWindow):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setWindowTitle("Merge Studio")
+        self.resize(1100, 700)
+        self._thread: Optional[QThread] = None
+        self._worker: Optional[PreflightWorker] = None
+
+        library = QWidget()
+        lib_layout = QVBoxLayout(library)
+        lib_layout.addWidget(QLabel("Models"))
+        self.models = QListWidget()
+        lib_layout.addWidget(self.models)
+
+        self.tabs = QTabWidget()
+        self.plan_view = QPlainTextEdit()
+        self.plan_view.setReadOnly(True)
+        self.plan_view.setFont(QFont("monospace"))
+        self.plan_view.setPlaceholderText("Open a mergekit recipe (File > Open recipe…) to check it.")
+        self.tabs.addTab(self.plan_view, "Merge")
+
+        splitter = QSplitter()
+        splitter.addWidget(library)
+        splitter.addWidget(self.tabs)
+        splitter.setStretchFactor(1, 3)
+        self.setCentralWidget(splitter)
+
+        open_action = QAction("Open recipe…", self)
+        open_action.triggered.connect(self.choose_recipe)
+        self.menuBar().addMenu("&File").addAction(open_action)
+        self.statusBar().showMessage("Ready")
+
+    def choose_recipe(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", "", "Recipes (*.yaml *.yml)")
+        if path:
+            self.open_recipe(Path(path))
+
+    def open_recipe(self, path: Path) -> None:
+        self.statusBar().showMessage(f"Checking {path.name}…")
+        self.plan_view.setPlainText("Checking…")
+        thread = QThread(self)
+        worker = PreflightWorker(path)
+        worker.moveToThread(thread)
+        thread.started.connect(worker.run)
+        worker.finished.connect(self._show_plan)
+        worker.finished.connect(thread.quit)
+        self._thread, self._worker = thread, worker
+        thread.start()
+
+    @Slot(str)
+    def _show_plan(self, text: str) -> None:
+        self.plan_view.setPlainText(text)
+        self.statusBar().showMessage("Ready")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    app = QApplication.instance() or QApplication(argv if argv is not None else sys.argv)
+    window = MainWindow()
+    window.show()
+    return app.exec()

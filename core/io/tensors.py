@@ -1,0 +1,210 @@
+"""Lazy, per-tensor access to safetensors files.
+
+The header is parsed and checked by hand (it is a length-prefixed JSON object),
+so a corrupt or truncated file is reported with its name and the tensor at
+fault before any weight is read. Tensor data is then read one tensor at a time
+through safetensors' memory map: nothing holds a whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from core.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# safetensors dtype names -> bytes per element.
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+# Parsing a header larger than this is refused: real headers are a few MB at most.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it looks like, from the file header only."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors name: F32, BF16, ...
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and check a safetensors header; raise ModelError naming the file.
+
+    Checks: the length prefix fits the file, the JSON parses, every dtype is
+    known, every tensor's byte span matches its shape and lies inside the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"{path}: not a safetensors file (only {size} bytes).")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelError(
+                    f"{path}: corrupt safetensors header (header length {header_len} "
+                    f"does not fit in a {size}-byte file)."
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc}).") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{path}: corrupt safetensors header ({exc}).") from None
+
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path}: corrupt safetensors header (__metadata__ is not an object).")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _parse_entry(path, name, entry, data_start, size)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{path}: corrupt safetensors header entry for tensor '{name}'.") from None
+    if dtype not in DTYPE_SIZES:
+        raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {dtype}.")
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != nbytes or begin < 0:
+        raise ModelError(
+            f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} {dtype} "
+            f"needs {nbytes} bytes but its offsets span {end - begin}."
+        )
+    if data_start + end > size:
+        raise ModelError(
+            f"{path} is truncated: tensor '{name}' needs bytes up to {data_start + end} "
+            f"but the file has {size}."
+        )
+    return TensorInfo(name, shape, dtype, path, data_start + begin, nbytes)
+
+
+class SafetensorsReader:
+    """Reads single tensors from one safetensors file through a memory map."""
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._handle: Any = None
+
+    def get(self, name: str, device: str = "cpu") -> "torch.Tensor":
+        from safetensors import safe_open
+
+        if self._handle is None:
+            try:
+                self._handle = safe_open(str(self.header.path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelError(f"{self.header.path}: cannot open ({exc}).") from None
+        try:
+            tensor = self._handle.get_tensor(name)
+        except Exception as exc:
+            raise ModelError(f"{self.header.path}: cannot read tensor '{name}' ({exc}).") from None
+        return tensor if device == "cpu" else tensor.to(device)
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """safetensors dtype name (F32, BF16, ...) -> torch dtype."""
+    import torch
+
+    table = {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+    return table[name]
+
+
+# Recipe dtype spellings (mergekit accepts these) -> safetensors names.
+RECIPE_DTYPES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "fp64": "F64",
+}
+
+
+def safetensors_dtype(recipe_name: Optional[str]) -> Optional[str]:
+    """'bfloat16' -> 'BF16'; None stays None; unknown names raise KeyError."""
+    if recipe_name is None:
+        return None
+    return RECIPE_DTYPES[str(recipe_name).lower()]
+
+
+def dtype_name(torch_dtype_value: "torch.dtype") -> str:
+    """torch dtype -> safetensors name."""
+    text = str(torch_dtype_value).replace("torch.", "")
+    special = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "bool": "BOOL"}
+    if text in special:
+        return special[text]
+    return RECIPE_DTYPES.get(text) or {"uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64"}[text]
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,56 @@
+"""The model card (README.md) written next to a merged model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.merge.plan import MergePlan
+
+
+def model_card(plan: "MergePlan") -> str:
+    """Front matter for the Hub, then the method, the models and the recipe."""
+    method = plan.method
+    base = plan.recipe.base_model
+    refs = [m.ref for m in plan.models]
+    front = {
+        "base_model": refs,
+        "library_name": "transformers" if plan.config is not None else None,
+        "tags": ["merge", "mergestudio"],
+    }
+    front = {k: v for k, v in front.items() if v is not None}
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was merged with [Merge Studio](https://pypi.org/project/mergestudio/) "
+        f"using the [{method.display_name}]({method.paper}) method.",
+        "",
+        "## Models",
+        "",
+    ]
+    if base:
+        lines.append(f"Base model: `{base}`")
+        lines.append("")
+        lines.append("Merged into it:")
+        lines.append("")
+    for ref in refs:
+        if ref != base:
+            lines.append(f"* `{ref}`")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "The recipe below is in mergekit's YAML format; `mergestudio merge` and `mergekit-yaml` both read it.",
+        "",
+        "```yaml",
+        plan.recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""The streaming merge executor.
+
+Tensors flow one at a time through three overlapped stages: a reader thread
+loads the next op's inputs from the memory maps while the current op is merged,
+and a writer thread writes the previous result straight into its shard. At most
+two ops are in flight, so peak memory is a few tensors, whatever the model
+size and shard size. The output is built in a hidden folder beside the target
+and renamed into place at the end; cancelling (closing the generator at a
+yield) or any error removes it.
+
+(The module is ``executor`` rather than ``run`` so that ``core.merge.run`` can
+be the function, as the public API promises.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generator, Optional
+
+from core.errors import MergeStudioError, ModelError
+from core.io.tensors import torch_dtype
+from core.io.writer import DEFAULT_SHARD_BYTES, AtomicOutput, OutputTensor, ShardedWriter, plan_shards, write_index
+from core.jobs import Progress
+from core.merge.methods.base import TensorInputs
+from core.merge.plan import MergePlan, TensorOp
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    device: str
+    files: list[str] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; check explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeStudioError(f"--device {device}: no CUDA GPU is available on this machine.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MergeStudioError(f"--device {device}: use auto, cpu or cuda.")
+    return device
+
+
+@dataclass
+class _Component:
+    """One output weight set: the whole model, or one diffusers component."""
+
+    folder: Path
+    stem: str
+    ops: list[TensorOp]
+    writer: Optional[ShardedWriter] = None
+
+
+def iter_merge(
+    plan: MergePlan,
+    output: Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Generator[Progress, None, MergeResult]:
+    """Run ``plan`` into ``output``, yielding Progress after each tensor.
+
+    Close the generator to cancel: the partial output is removed and an
+    existing output is left untouched.
+    """
+    if shard_size <= 0:
+        raise MergeStudioError(f"--shard-size must be positive, got {shard_size}.")
+    output = Path(output)
+    atomic = AtomicOutput(output, overwrite)
+    atomic.check()
+    dev = resolve_device(device)
+    started = time.monotonic()
+    total_bytes = plan.output_bytes
+    recipe_yaml = plan.recipe.to_yaml()
+    metadata = {"format": "pt", "merge_method": plan.method.name, "mergestudio_recipe": recipe_yaml}
+
+    with atomic as tmp:
+        components = _components(plan, tmp)
+        for comp in components.values():
+            comp.folder.mkdir(parents=True, exist_ok=True)
+            tensors = [OutputTensor(_inner(op.out_name, plan), op.shape, op.out_dtype) for op in comp.ops]
+            comp.writer = ShardedWriter(comp.folder, plan_shards(tensors, shard_size, metadata, comp.stem))
+        reader = ThreadPoolExecutor(1, thread_name_prefix="merge-read")
+        writer = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
+        pending_write: Optional[Future] = None
+        done_bytes = 0
+        try:
+            ops = plan.ops
+            next_read = reader.submit(_load, plan, ops[0], dev)
+            for i, op in enumerate(ops):
+                inputs = next_read.result()
+                if i + 1 < len(ops):
+                    next_read = reader.submit(_load, plan, ops[i + 1], dev)
+                result = _compute(plan, op, inputs, seed)
+                del inputs
+                if pending_write is not None:
+                    pending_write.result()  # surfaces write errors; bounds memory to two results
+                comp = components[_component_of(op.out_name, plan)]
+                pending_write = writer.submit(comp.writer.write, _inner(op.out_name, plan), result)  # type: ignore[union-attr]
+                del result
+                done_bytes += op.out_bytes
+                yield Progress(i + 1, len(ops), done_bytes, total_bytes, time.monotonic() - started, op.out_name)
+            if pending_write is not None:
+                pending_write.result()
+            files: list[str] = []
+            for comp in components.values():
+                assert comp.writer is not None
+                comp.writer.finish()
+                write_index(comp.folder, comp.writer.shards, comp.stem)
+                files.extend(str((comp.folder / s.file_name).relative_to(tmp)) for s in comp.writer.shards)
+            _write_extras(plan, tmp)
+        finally:
+            next_read_cancel = locals().get("next_read")
+            if next_read_cancel is not None:
+                next_read_cancel.cancel()
+            reader.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
+            for comp in components.values():
+                if comp.writer is not None:
+                    comp.writer.abort()
+    return MergeResult(output, len(plan.ops), done_bytes, time.monotonic() - started, dev, files)
+
+
+def _components(plan: MergePlan, tmp: Path) -> dict[str, _Component]:
+    if plan.models[plan.config_model or 0].source.kind != "diffusers":
+        return {"": _Component(tmp, "model", list(plan.ops))}
+    source = plan.models[plan.config_model or 0].source
+    comps: dict[str, _Component] = {}
+    for op in plan.ops:
+        name = op.out_name.partition("/")[0]
+        if name not in comps:
+            files = source.components[name].weight_files if name in source.components else []
+            stem = files[0].name.split(".")[0].split("-0")[0] if files else "diffusion_pytorch_model"
+            comps[name] = _Component(tmp / name, stem, [])
+        comps[name].ops.append(op)
+    return comps
+
+
+def _component_of(out_name: str, plan: MergePlan) -> str:
+    if plan.models[plan.config_model or 0].source.kind != "diffusers":
+        return ""
+    return out_name.partition("/")[0]
+
+
+def _inner(out_name: str, plan: MergePlan) -> str:
+    if plan.models[plan.config_model or 0].source.kind != "diffusers":
+        return out_name
+    return out_name.partition("/")[2]
+
+
+def _load(plan: MergePlan, op: TensorOp, device: str) -> list["torch.Tensor"]:
+    """Read an op's inputs, check they are finite, convert and move them."""
+    import torch
+
+    dtype = torch_dtype(op.compute_dtype)
+    tensors = []
+    for mi, name in op.inputs:
+        model = plan.models[mi]
+        tensor = model.source.get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(
+                f"Model '{model.ref}': tensor '{name}' contains NaN or Inf values; "
+                "a merge would spread them, so it is refused."
+            )
+        if not op.copy and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if device != "cpu":
+            tensor = tensor.to(device, non_blocking=True)
+        tensors.append(tensor)
+    return tensors
+
+
+def _compute(plan: MergePlan, op: TensorOp, tensors: list["torch.Tensor"], seed: int) -> "torch.Tensor":
+    out_dtype = torch_dtype(op.out_dtype)
+    if op.copy:
+        result = tensors[0]
+    else:
+        inputs = TensorInputs(
+            name=op.out_name,
+            tensors=tensors,
+            base_index=op.base_index,
+            params=op.params,
+            model_params=op.model_params,
+            model_keys=[plan.models[mi].ref for mi, _ in op.inputs],
+            seed=seed,
+        )
+        result = plan.method.kernel(inputs)
+        if tuple(result.shape) != op.shape:
+            raise MergeStudioError(
+                f"Tensor '{op.out_name}': method {plan.method.name} returned shape {list(result.shape)}, "
+                f"expected {list(op.shape)}."
+            )
+    if result.dtype != out_dtype:
+        result = result.to(out_dtype)
+    if result.device.type != "cpu":
+        result = result.cpu()
+    return result
+
+
+def _write_extras(plan: MergePlan, folder: Path) -> None:
+    """config.json, generation config, tokenizer, recipe YAML and model card."""
+    from core.merge.card import model_card
+
+    recipe_yaml = plan.recipe.to_yaml()
+    config_src = plan.models[plan.config_model or 0].source
+    if config_src.kind == "diffusers":
+        _copy_pipeline_files(config_src.path, folder)
+    else:
+        if plan.config is not None:
+            (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        src_dir = config_src.path if config_src.path.is_dir() else None
+        if src_dir is not None and (src_dir / "generation_config.json").is_file():
+            shutil.copy2(src_dir / "generation_config.json", folder / "generation_config.json")
+        if plan.tokenizer_model is not None:
+            tok_src = plan.models[plan.tokenizer_model].source.path
+            if tok_src.is_dir():
+                for name in TOKENIZER_FILES:
+                    if (tok_src / name).is_file():
+                        shutil.copy2(tok_src / name, folder / name)
+        _apply_chat_template(plan, folder)
+    (folder / "mergekit_config.yml").write_text(recipe_yaml)
+    (folder / "README.md").write_text(model_card(plan))
+
+
+def _copy_pipeline_files(src: Path, dst: Path) -> None:
+    """Copy a pipeline's non-weight files (model_index.json, configs, tokenizers)."""
+    for item in src.rglob("*"):
+        if item.is_dir():
+            continue
+        rel = item.relative_to(src)
+        if item.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth") or item.name.endswith(".index.json"):
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copy2(item, target)
+
+
+def _apply_chat_template(plan: MergePlan, folder: Path) -> None:
+    template = plan.recipe.chat_template
+    if template is None:
+        return
+    if template == "chatml":
+        text = CHATML_TEMPLATE
+    elif template == "auto":
+        tok_cfg = plan.models[plan.config_model or 0].source.path / "tokenizer_config.json"
+        text = _read_template(tok_cfg)
+        if text is None:
+            return
+    elif "{%" in template or "{{" in template:
+        text = template
+    else:
+        raise MergeStudioError(
+            f"chat_template: '{template}' is not a Jinja template, 'chatml' or 'auto'."
+        )
+    (folder / "chat_template.jinja").write_text(text)
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = text
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _read_template(tok_cfg: Path) -> Optional[str]:
+    if tok_cfg.is_file():
+        value = json.loads(tok_cfg.read_text()).get("chat_template")
+        if isinstance(value, str):
+            return value
+    jinja = tok_cfg.parent / "chat_template.jinja"
+    return jinja.read_text() if jinja.is_file() else None

@@ -37,8 +37,15 @@ def parse_size(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line too (exit status 2), like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help').\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mergestudio",
         description="Merge Studio: compare and merge models. Without a command, opens the app.",
     )
@@ -54,18 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt/.pt with weights_only=True")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     merge.add_argument("--json", action="store_true", help="print the result as JSON")
-    merge.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a recipe and print the plan and estimates")
     check.add_argument("recipe", type=Path)
     check.add_argument("-o", "--output", type=Path, help="check free disk space for this output folder")
     check.add_argument("--allow-pickle", action="store_true")
     check.add_argument("--json", action="store_true")
-    check.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     methods = sub.add_parser("methods", help="list the merge methods and their parameters")
     methods.add_argument("--json", action="store_true")
-    methods.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    methods.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -84,6 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check":
             return _check(args)
         return _methods(args)
+    except BrokenPipeError:
+        # The reader went away (`mergestudio methods | head`): not an error.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("mergestudio: cancelled; nothing was written.", file=sys.stderr)
         return 130
@@ -93,13 +106,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MergeStudioError as exc:
         if args.debug:
             raise
-        print(f"mergestudio: error: {exc}", file=sys.stderr)
+        print(f"mergestudio: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: say so in one line, unless debugging
         if args.debug:
             raise
-        print(f"mergestudio: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        print(
+            f"mergestudio: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)",
+            file=sys.stderr,
+        )
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line, whatever a library put in it (stderr carries exactly one line)."""
+    return " ".join(str(exc).split())
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -139,10 +160,9 @@ def plan_summary(plan: Any, output: Optional[Path]) -> dict[str, Any]:
     """The plan as a JSON-ready dict (also used by the GUI's preflight view)."""
     import shutil
 
-    free = None
-    if output is not None:
-        parent = Path(output).absolute().parent
-        free = shutil.disk_usage(parent).free if parent.exists() else None
+    # Without an output folder, the current folder is where the output would go.
+    parent = Path(output).absolute().parent if output is not None else Path.cwd()
+    free = shutil.disk_usage(parent).free if parent.exists() else None
     layers = sorted({op.layer for op in plan.ops if op.layer is not None})
     return {
         "method": plan.method.name,
@@ -182,7 +202,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"Output size: {info['output_bytes'] / 1e9:.3f} GB ({', '.join(info['out_dtype'])})")
         print(f"Peak memory (estimate): {info['peak_memory_bytes'] / 1e9:.2f} GB")
         if info["free_disk_bytes"] is not None:
-            print(f"Free disk at the output: {info['free_disk_bytes'] / 1e9:.1f} GB")
+            where = "at the output" if args.output is not None else "in the current folder"
+            print(f"Free disk {where}: {info['free_disk_bytes'] / 1e9:.1f} GB")
         for note in plan.notes:
             print(f"Note: {note}")
         return 0
@@ -221,7 +242,13 @@ def _methods(args: argparse.Namespace) -> int:
 
     methods = all_methods()
     if args.json:
-        print(json.dumps([m.to_dict() for m in methods], indent=2))
+        listing = []
+        for m in methods:
+            entry = m.to_dict()
+            for param, schema in zip(m.parameters, entry["parameters"]):
+                schema["range"] = param.range_text()  # the same words as the text listing
+            listing.append(entry)
+        print(json.dumps(listing, indent=2))
         return 0
     for m in methods:
         base = {"required": "needs a base model", "optional": "base model optional", "ignored": "no base model"}.get(

@@ -76,7 +76,9 @@ def drive(
     """Run a progress generator to the end and return its result.
 
     When ``cancel`` is set the generator is closed at its next yield, so its
-    ``finally`` blocks clean up, and CancelledError is raised.
+    ``finally`` blocks clean up, and CancelledError is raised. An exception
+    from ``on_progress`` (or Ctrl-C) closes the generator the same way before
+    it propagates, so clean-up never waits for garbage collection.
     """
     try:
         while True:
@@ -88,6 +90,9 @@ def drive(
                 raise CancelledError()
     except StopIteration as stop:
         return stop.value
+    except BaseException:
+        work.close()  # no-op when the generator itself raised or has finished
+        raise
 
 
 class TerminalProgress:

@@ -187,9 +187,15 @@ def _pickle_file(file: Path, path: Path, config: Optional[dict], allow_pickle: b
     import torch
 
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # The legacy (pre-zip) format cannot be memory-mapped: read it whole.
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad pickles
-        raise ModelError(f"{file}: cannot load with weights_only=True ({exc}).") from None
+        raise ModelError(f"{file}: cannot load with weights_only=True ({_pickle_reason(exc)}).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -207,6 +213,19 @@ def _pickle_file(file: Path, path: Path, config: Optional[dict], allow_pickle: b
         for name, t in state.items()
     }
     return ModelSource(path, "pickle", config, tensors, {}, [file], _pickle_state=state)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """torch's weights_only errors span many lines; keep the one that says why."""
+    import re
+
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return f"it contains '{match.group(1)}', which is not a tensor type and could run code"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first.rstrip(".")
 
 
 def _diffusers_pipeline(path: Path, allow_pickle: bool) -> ModelSource:

@@ -131,28 +131,48 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
 
 
 class SafetensorsReader:
-    """Reads single tensors from one safetensors file through a memory map."""
+    """Reads single tensors from one safetensors file, one ``pread`` per tensor.
+
+    Each tensor is read into freshly allocated memory that is released when
+    the caller drops it. A memory map would be as fast from the page cache but
+    keeps every touched page of every input in the process (its resident size
+    grows to the size of the inputs); explicit reads keep peak memory at the
+    few tensors in flight, whatever the model size.
+    """
 
     def __init__(self, header: SafetensorsHeader) -> None:
         self.header = header
-        self._handle: Any = None
+        self._fd: Optional[int] = None
 
     def get(self, name: str, device: str = "cpu") -> "torch.Tensor":
-        from safetensors import safe_open
+        import torch
 
-        if self._handle is None:
+        info = self.header.tensors.get(name)
+        if info is None:
+            raise ModelError(f"{self.header.path}: has no tensor '{name}'.")
+        if self._fd is None:
             try:
-                self._handle = safe_open(str(self.header.path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise ModelError(f"{self.header.path}: cannot open ({exc}).") from None
-        try:
-            tensor = self._handle.get_tensor(name)
-        except Exception as exc:
-            raise ModelError(f"{self.header.path}: cannot read tensor '{name}' ({exc}).") from None
+                self._fd = os.open(self.header.path, os.O_RDONLY)
+            except OSError as exc:
+                raise ModelError(f"{self.header.path}: cannot open ({exc.strerror or exc}).") from None
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+        done = 0
+        while done < info.nbytes:
+            try:
+                count = os.preadv(self._fd, [view[done:]], info.offset + done)
+            except OSError as exc:
+                raise ModelError(f"{self.header.path}: cannot read tensor '{name}' ({exc.strerror or exc}).") from None
+            if count == 0:
+                raise ModelError(f"{self.header.path} is truncated: tensor '{name}' ends past the end of the file.")
+            done += count
+        tensor = buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
         return tensor if device == "cpu" else tensor.to(device)
 
     def close(self) -> None:
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def torch_dtype(name: str) -> "torch.dtype":

@@ -224,7 +224,10 @@ class AtomicOutput:
 
     def __enter__(self) -> Path:
         self.check()
-        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        try:
+            self.temp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        except OSError as exc:
+            raise _disk_error(self.target, exc) from None
         return self.temp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

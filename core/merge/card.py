@@ -21,6 +21,7 @@ def model_card(plan: "MergePlan") -> str:
         "tags": ["merge", "mergestudio"],
     }
     front = {k: v for k, v in front.items() if v is not None}
+    named = f"[{method.display_name}]({method.paper})" if method.paper else method.display_name
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -29,7 +30,7 @@ def model_card(plan: "MergePlan") -> str:
         "# Merged model",
         "",
         f"This model was merged with [Merge Studio](https://pypi.org/project/mergestudio/) "
-        f"using the [{method.display_name}]({method.paper}) method.",
+        f"using the {named} method.",
         "",
         "## Models",
         "",

@@ -197,7 +197,8 @@ def _normalized_slices(recipe: Recipe, method: MergeMethod, models: list[InputMo
     """Turn ``models:`` into one whole-model slice; check bases, counts and ranges."""
     result: list[Slice] = []
     if recipe.models is not None:
-        entries = list(recipe.models)
+        # Copies: the layer ranges set below must not leak into the recipe (its YAML is written out).
+        entries = [ModelEntry(e.model, dict(e.parameters), e.layer_range) for e in recipe.models]
         refs = [e.model for e in entries]
         if recipe.base_model and recipe.base_model not in refs and method.base != BASE_IGNORED:
             entries.append(ModelEntry(recipe.base_model, {}))

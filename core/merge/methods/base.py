@@ -97,8 +97,8 @@ class Parameter:
             number = float(value)
         except ValueError:
             raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}.") from None
-        if math.isnan(number):
-            raise RecipeError(f"{where}: parameter '{self.name}' is NaN.")
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: parameter '{self.name}' must be a finite number, got {value!r}.")
         too_low = self.minimum is not None and (
             number <= self.minimum if self.exclusive_minimum else number < self.minimum
         )

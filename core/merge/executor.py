@@ -113,6 +113,8 @@ def iter_merge(
     atomic = AtomicOutput(output, overwrite)
     atomic.check()
     dev = resolve_device(device)
+    if dev == "cpu":
+        tune_allocator()
     started = time.monotonic()
     total_bytes = plan.output_bytes
     recipe_yaml = plan.recipe.to_yaml()
@@ -228,15 +230,39 @@ class _Prefetcher:
 def _finite(tensor: "torch.Tensor") -> bool:
     """True when no element is NaN or Inf.
 
-    One float32 sum is cheaper than isfinite() over every element, and a NaN
-    or Inf anywhere makes the sum non-finite; only then (or when huge finite
-    values overflow the sum) is the exact element-wise test run.
+    torch's min and max propagate NaN, and an Inf is the max or the min, so one
+    aminmax pass decides; it is several times cheaper than isfinite() over
+    every element or a float32 sum, most of all for bf16.
     """
     import torch
 
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+    if tensor.numel() == 0:
         return True
-    return bool(torch.isfinite(tensor).all())
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def tune_allocator() -> None:
+    """Let glibc keep freed large blocks for reuse instead of unmapping them.
+
+    A merge allocates and frees tensor-sized temporaries for every tensor; by
+    default each block over 32 MB is a fresh mmap whose every page faults on
+    first touch, which costs about as much as the arithmetic. Raising the mmap
+    and trim thresholds makes the next tensor reuse the same pages. Peak memory
+    is unchanged (it is the largest set of live tensors either way).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def _load(plan: MergePlan, op: TensorOp, device: str) -> list["torch.Tensor"]:

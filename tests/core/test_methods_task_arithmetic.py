@@ -444,3 +444,29 @@ def test_odd_shapes(shape):
         if tensors[0].numel() >= 2:  # below that mergekit's SCE selects nothing
             expected = reference("sce", tensors, 0, select_topk=0.5)
             assert rel_diff(ours("sce", tensors, 0, select_topk=0.5), expected) <= TOL
+
+
+# -- large tensors take the chunked path; it must be bit-identical -----------------
+@pytest.mark.parametrize("name", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("values", ["continuous", "few_levels"])
+def test_chunked_path_is_bit_identical(name, rescale, values, monkeypatch):
+    import core.merge.methods.task_arithmetic as ta
+    from core.merge.methods.chunked import CHUNK, MIN_ELEMENTS
+
+    gen = torch.Generator().manual_seed(7)
+    n = MIN_ELEMENTS + CHUNK // 3  # a partial last chunk
+    base = torch.randn(n, generator=gen) * 0.02
+    tensors = [base]
+    for _ in range(3):
+        delta = torch.randn(n, generator=gen) * 0.002
+        if values == "few_levels":  # many exact ties at the trim threshold, across chunks
+            delta = torch.round(delta * 2000) / 2000
+        tensors.append(base + delta)
+    params = {"normalize": True, "rescale": rescale, "lambda": 0.9, "int8_mask": False}
+    model_params = [{}] + [{"weight": w, "density": 0.37} for w in (0.5, 0.3, -0.1)]
+    inputs = TensorInputs("layer.weight", tensors, 0, params, model_params)
+    chunked = get(name).kernel(inputs)
+    monkeypatch.setattr(ta, "MIN_ELEMENTS", 10**12)
+    whole = get(name).kernel(inputs)
+    assert torch.equal(chunked, whole)

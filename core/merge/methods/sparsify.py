@@ -107,7 +107,7 @@ def kth_select(flat: torch.Tensor, j: int) -> tuple[torch.Tensor, int, int]:
         in_range = flat >= lo
         below = n - int(torch.count_nonzero(in_range))
         in_range &= flat <= hi
-        inside = torch.masked_select(flat, in_range)
+        inside = flat[in_range]
         del in_range
         if below < j <= below + inside.numel():
             value = torch.kthvalue(inside, j - below).values

@@ -63,6 +63,7 @@ from core.merge.methods.base import (
     Parameter,
     TensorInputs,
 )
+from core.merge.methods.chunked import MIN_ELEMENTS, chunked_task_vector_merge
 from core.merge.methods.sparsify import (
     RESCALE_MODES,
     magnitude_prune,
@@ -140,6 +141,9 @@ def task_vector_merge(inputs: TensorInputs, *, sparsify: str | None, consensus: 
     others = inputs.non_base_indices()
     if not others or base.numel() == 0:
         return base.clone()
+    if sparsify in (NONE, MAGNITUDE) and base.numel() >= MIN_ELEMENTS:
+        # Large tensors: the same arithmetic in cache-sized chunks (bit-identical).
+        return chunked_task_vector_merge(inputs, trim=sparsify == MAGNITUDE, consensus=consensus)
     dtype = compute_dtype(base)
     b = base.to(dtype)
     params = inputs.params

@@ -266,17 +266,12 @@ def tune_allocator() -> None:
 
 
 def _load(plan: MergePlan, op: TensorOp, device: str) -> list["torch.Tensor"]:
-    """Read an op's inputs, check they are finite, convert and move them."""
+    """Read an op's inputs, convert them to the compute dtype and move them."""
     dtype = torch_dtype(op.compute_dtype)
     tensors = []
     for mi, name in op.inputs:
         model = plan.models[mi]
         tensor = model.source.get(name)
-        if tensor.is_floating_point() and not _finite(tensor):
-            raise ModelError(
-                f"Model '{model.ref}': tensor '{name}' contains NaN or Inf values; "
-                "a merge would spread them, so it is refused."
-            )
         if not op.copy and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         if device != "cpu":
@@ -305,16 +300,32 @@ def _compute(plan: MergePlan, op: TensorOp, tensors: list["torch.Tensor"], seed:
                 f"Tensor '{op.out_name}': method {plan.method.name} returned shape {list(result.shape)}, "
                 f"expected {list(op.shape)}."
             )
-        if result.is_floating_point() and not _finite(result):
-            raise MergeStudioError(
-                f"Tensor '{op.out_name}': method {plan.method.name} produced NaN or Inf values from finite "
-                "inputs (check the recipe's parameters for infinite or huge values); the merge was stopped."
-            )
+    if result.is_floating_point() and not _finite(result):
+        _refuse_nonfinite(plan, op, tensors)
     if result.dtype != out_dtype:
         result = result.to(out_dtype)
     if result.device.type != "cpu":
         result = result.cpu()
     return result
+
+
+def _refuse_nonfinite(plan: MergePlan, op: TensorOp, tensors: list["torch.Tensor"]) -> None:
+    """Name the input holding NaN/Inf (or blame the method) and stop the merge.
+
+    Only the output is checked on the normal path (one aminmax pass instead of
+    one per input): NaN and Inf propagate through the arithmetic, so a bad
+    input shows in the output; only then are the inputs examined to say which.
+    """
+    for (mi, name), tensor in zip(op.inputs, tensors):
+        if tensor.is_floating_point() and not _finite(tensor):
+            raise ModelError(
+                f"Model '{plan.models[mi].ref}': tensor '{name}' contains NaN or Inf values; "
+                "a merge would spread them, so it is refused."
+            )
+    raise MergeStudioError(
+        f"Tensor '{op.out_name}': method {plan.method.name} produced NaN or Inf values from finite "
+        "inputs (check the recipe's parameters for infinite or huge values); the merge was stopped."
+    )
 
 
 def _write_extras(plan: MergePlan, folder: Path) -> None:

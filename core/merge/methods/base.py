@@ -203,6 +203,9 @@ class MergeMethod:
     # raises RecipeError naming the tensor, so bad values fail before any read.
     # Called as check(name, params, model_params, base_index).
     check: Optional[Callable[[str, dict, list, Optional[int]], None]] = None
+    # Float32 copies of a tensor the kernel holds at its peak, for the preflight
+    # memory estimate; None means one per input plus three.
+    scratch: Optional[float] = None
 
     def parameter(self, name: str) -> Optional[Parameter]:
         return next((p for p in self.parameters if p.name == name), None)

@@ -18,6 +18,9 @@ from core.merge.methods import register
 from core.merge.methods.base import MODEL, GLOBAL, MergeMethod, Parameter, TensorInputs, REQUIRED
 
 
+_CHUNK = 1 << 18  # elements per chunk of a large tensor (1 MB of float32)
+
+
 def compute_dtype(tensor):
     """float64 stays float64; everything else is computed in float32."""
     import torch
@@ -26,16 +29,33 @@ def compute_dtype(tensor):
 
 
 def weighted_sum(inputs: TensorInputs, weights: list[float], normalize: bool):
+    """sum_i w_i * x_i (/ sum_i w_i): accumulated in order, in float32 (float64).
+
+    Large tensors go through in chunks of 256K elements: the same operations
+    per element (so the same bits), but each chunk's temporaries stay in the
+    CPU cache instead of allocating tensor-sized float32 copies.
+    """
     import torch
 
     first = inputs.tensors[0]
     dtype = compute_dtype(first)
-    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for tensor, weight in zip(inputs.tensors, weights):
-        result.add_(tensor.to(dtype), alpha=weight)
-    if normalize:
-        result.div_(sum(weights))
-    return result.to(first.dtype)
+    out = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+    flats = [t.reshape(-1) for t in inputs.tensors]
+    flat_out = out.reshape(-1)
+    total = sum(weights)
+    n = flat_out.numel()
+    step = _CHUNK if n > _CHUNK else max(n, 1)
+    acc = torch.empty(min(n, step), dtype=dtype, device=first.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        result = acc[: end - start]
+        result.zero_()
+        for flat, weight in zip(flats, weights):
+            result.add_(flat[start:end].to(dtype), alpha=weight)
+        if normalize:
+            result.div_(total)
+        flat_out[start:end] = result
+    return out
 
 
 def _linear(inputs: TensorInputs):
@@ -64,5 +84,6 @@ register(
         ),
         min_models=1,
         check=_check,
+        scratch=0.0,  # chunked: only cache-sized temporaries
     )
 )

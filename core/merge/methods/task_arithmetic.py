@@ -320,6 +320,8 @@ def _register(
             min_models=1,
             random=sparsify in (RANDOM, MAGPRUNE),
             check=check,
+            # Large tensors take the chunked path: base, delta and magnitude in float32.
+            scratch=3.5 if sparsify in (NONE, MAGNITUDE) else None,
         )
     )
 

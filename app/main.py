@@ -28,9 +28,10 @@ from PySide6.QtWidgets import (
 
 
 class PreflightWorker(QObject):
-    """Runs ``mergestudio check`` logic off the GUI thread."""
+    """Runs the engine's preflight (``mergestudio check``) off the GUI thread."""
 
-    finished = Signal(str)
+    finished = Signal(str, list)  # the plan as text, the models' names
+    failed = Signal(str)  # one sentence
 
     def __init__(self, recipe_path: Path) -> None:
         super().__init__()
@@ -42,14 +43,24 @@ class PreflightWorker(QObject):
         from contextlib import redirect_stdout
 
         from core.cli import main as cli_main
+        from core.errors import MergeStudioError
+        from core.merge import load_recipe
 
+        try:
+            refs = load_recipe(self.recipe_path).model_refs()
+        except MergeStudioError as exc:
+            self.failed.emit(f"error: {exc}")
+            return
         buffer = io.StringIO()
         errors = io.StringIO()
         from contextlib import redirect_stderr
 
         with redirect_stdout(buffer), redirect_stderr(errors):
-            cli_main(["check", str(self.recipe_path)])
-        self.finished.emit(buffer.getvalue() + errors.getvalue())
+            code = cli_main(["check", str(self.recipe_path)])
+        if code != 0:
+            self.failed.emit(errors.getvalue().strip().removeprefix("mergestudio: "))
+        else:
+            self.finished.emit(buffer.getvalue(), refs)
 
 
 class MainWindow(QMainWindow):
@@ -70,6 +81,7 @@ class MainWindow(QMainWindow):
         self.plan_view = QPlainTextEdit()
         self.plan_view.setReadOnly(True)
         self.plan_view.setFont(QFont("monospace"))
+        self.plan_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         self.plan_view.setPlaceholderText("Open a mergekit recipe (File > Open recipe…) to check it.")
         self.tabs.addTab(self.plan_view, "Merge")
 
@@ -97,14 +109,25 @@ class MainWindow(QMainWindow):
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.finished.connect(self._show_plan)
+        worker.failed.connect(self._show_error)
         worker.finished.connect(thread.quit)
+        worker.failed.connect(thread.quit)
         self._thread, self._worker = thread, worker
         thread.start()
 
-    @Slot(str)
-    def _show_plan(self, text: str) -> None:
+    @Slot(str, list)
+    def _show_plan(self, text: str, models: list) -> None:
         self.plan_view.setPlainText(text)
-        self.statusBar().showMessage("Ready")
+        self.models.clear()
+        self.models.addItems([Path(m).name or m for m in models])
+        for row, ref in enumerate(models):
+            self.models.item(row).setToolTip(ref)
+        self.statusBar().showMessage("Recipe checked: ready to merge")
+
+    @Slot(str)
+    def _show_error(self, text: str) -> None:
+        self.plan_view.setPlainText(text)
+        self.statusBar().showMessage("The recipe has a problem")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -212,25 +212,65 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _print_groups(plan: Any) -> None:
-    """One line per tensor group (name with the layer index removed) and its parameters."""
-    groups: dict[str, tuple[int, str]] = {}
+    """The parameters shared by every tensor, then one line per tensor group.
+
+    A group is a tensor name with its layer index replaced by N; a parameter
+    that varies inside a group (a gradient) shows as its range over the layers.
+    """
+    values: dict[str, dict[str, list]] = {}
     for op in plan.ops:
         key = re.sub(r"\.\d+\.", ".N.", op.out_name)
-        what = "copy" if op.copy else _short_params(op)
-        count, first = groups.get(key, (0, what))
-        groups[key] = (count + 1, first)
-    for key, (count, what) in list(groups.items())[:40]:
-        print(f"  {key:<50} x{count:<4} {what}")
-    if len(groups) > 40:
-        print(f"  ... {len(groups) - 40} more groups")
+        group = values.setdefault(key, {})
+        if op.copy:
+            group.setdefault("(copied)", []).append("")
+            continue
+        for name, value in _flat_params(op).items():
+            group.setdefault(name, []).append(value)
+    everywhere = _constant_everywhere(values)
+    if everywhere:
+        print("Parameters (all tensors): " + " ".join(f"{k}={_fmt(v)}" for k, v in everywhere.items()))
+    print("Tensor groups:")
+    shown = list(values.items())
+    for key, group in shown[:40]:
+        count = max((len(v) for v in group.values()), default=1)
+        parts = []
+        for name, vals in group.items():
+            if name in everywhere:
+                continue
+            if name == "(copied)":
+                parts.append("copied")
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and len(set(vals)) > 1:
+                parts.append(f"{name}={_fmt(min(vals))}..{_fmt(max(vals))}")
+            else:
+                parts.append(f"{name}={_fmt(vals[0])}" if len(set(map(str, vals))) == 1 else f"{name}=varies")
+        print(f"  {key:<50} x{count:<4} {' '.join(parts)}".rstrip())
+    if len(shown) > 40:
+        print(f"  ... {len(shown) - 40} more groups")
 
 
-def _short_params(op: Any) -> str:
-    parts = [f"{k}={_fmt(v)}" for k, v in op.params.items()]
+def _flat_params(op: Any) -> dict[str, Any]:
+    """Global parameters by name, per-model ones as name[model index]."""
+    flat = dict(op.params)
     for i, mp in enumerate(op.model_params):
-        if mp:
-            parts.append(f"m{i}(" + ",".join(f"{k}={_fmt(v)}" for k, v in mp.items()) + ")")
-    return " ".join(parts)
+        for name, value in mp.items():
+            flat[f"{name}[{i}]"] = value
+    return flat
+
+
+def _constant_everywhere(values: dict[str, dict[str, list]]) -> dict[str, Any]:
+    names: Optional[set[str]] = None
+    for group in values.values():
+        keys = {k for k in group if k != "(copied)"}
+        if not keys:
+            continue
+        names = keys if names is None else names & keys
+    result = {}
+    for name in sorted(names or ()):
+        seen = {str(v) for group in values.values() for v in group.get(name, [])}
+        if len(seen) == 1:
+            first = next(v for group in values.values() for v in group.get(name, []))
+            result[name] = first
+    return result
 
 
 def _fmt(v: Any) -> str:

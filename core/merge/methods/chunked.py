@@ -86,6 +86,8 @@ def chunked_task_vector_merge(inputs: TensorInputs, *, trim: bool, consensus: bo
     """Same result as ``task_vector_merge`` for sparsify in (none, magnitude)."""
     import torch
 
+    from core.merge.methods.task_arithmetic import combine  # imported here: it imports this module
+
     base = inputs.base
     assert base is not None
     others = inputs.non_base_indices()
@@ -110,7 +112,6 @@ def chunked_task_vector_merge(inputs: TensorInputs, *, trim: bool, consensus: bo
         del delta
 
     w = torch.tensor(weights, dtype=dtype, device=base.device).reshape(-1, 1)
-    total = w.sum()
     out = torch.empty(n, dtype=base.dtype, device=base.device)
     weighted = torch.empty((len(others), min(CHUNK, n)), dtype=dtype, device=base.device)
     for start in range(0, n, CHUNK):
@@ -125,20 +126,7 @@ def chunked_task_vector_merge(inputs: TensorInputs, *, trim: bool, consensus: bo
                 if t.scale is not None:
                     delta = delta * t.scale
             torch.mul(delta, weights[row], out=rows[row])
-        if consensus:
-            positive = rows.sum(dim=0) >= 0
-            elected = torch.where(positive, 1.0, -1.0).to(dtype)
-            agree = rows.sign() == elected
-            rows.mul_(agree)
-            merged = rows.sum(dim=0)
-            if normalize:
-                divisor = (w * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
-                merged.div_(divisor)
-        else:
-            merged = rows.sum(dim=0)
-            if normalize and total.abs() >= 1e-8:
-                merged.div_(total)
+        merged = combine(rows, w, consensus=consensus, normalize=normalize)
         if lam != 1:
             merged.mul_(lam)
         out[start:end] = b + merged

@@ -105,6 +105,34 @@ def sign_agreement(weighted: torch.Tensor) -> torch.Tensor:
     return weighted.sign() == elected
 
 
+def combine(weighted: torch.Tensor, w: torch.Tensor, *, consensus: bool, normalize: bool) -> torch.Tensor:
+    """Sum the weighted deltas ``weighted`` (N, *S) over the models -> (*S).
+
+    With ``consensus`` only entries agreeing with the elected sign count, and
+    ``normalize`` divides by the weights ``w`` (N, 1, ...) of those that agree;
+    without it, by the sum of all weights. ``weighted`` is modified in place.
+    Also used chunk by chunk by ``chunked.py``, so both paths share the maths.
+    """
+    if consensus:
+        agree = sign_agreement(weighted)
+        weighted.mul_(agree)
+        merged = weighted.sum(dim=0)
+        if normalize:
+            divisor = (w * agree).sum(dim=0)
+            # Zero where no model agrees (the merged delta is 0 there too) or where
+            # agreeing weights of mixed sign cancel; mergekit divides by 1 in both.
+            divisor[divisor == 0] = 1
+            merged.div_(divisor)
+        return merged
+    merged = weighted.sum(dim=0)
+    if normalize:
+        total = w.sum()
+        # The recipe check refuses a zero sum; this guards direct callers.
+        if total.abs() >= _ZERO_SUM:
+            merged.div_(total)
+    return merged
+
+
 def _sparsify(
     kind: str | None, delta: torch.Tensor, inputs: TensorInputs, index: int, mp: dict, params: dict
 ) -> torch.Tensor:
@@ -160,24 +188,7 @@ def task_vector_merge(inputs: TensorInputs, *, sparsify: str | None, consensus: 
         del delta
     w = torch.tensor(weights, dtype=dtype, device=base.device).reshape(-1, *([1] * base.dim()))
 
-    normalize = bool(params.get("normalize", False))
-    if consensus:
-        agree = sign_agreement(weighted)
-        weighted.mul_(agree)
-        merged = weighted.sum(dim=0)
-        if normalize:
-            divisor = (w * agree).sum(dim=0)
-            # Zero where no model agrees (the merged delta is 0 there too) or where
-            # agreeing weights of mixed sign cancel; mergekit divides by 1 in both.
-            divisor[divisor == 0] = 1
-            merged.div_(divisor)
-    else:
-        merged = weighted.sum(dim=0)
-        if normalize:
-            total = w.sum()
-            # The recipe check refuses a zero sum; this guards direct callers.
-            if total.abs() >= _ZERO_SUM:
-                merged.div_(total)
+    merged = combine(weighted, w, consensus=consensus, normalize=bool(params.get("normalize", False)))
     del weighted
 
     lam = float(params.get("lambda", 1.0))

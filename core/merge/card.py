@@ -14,7 +14,7 @@ def model_card(plan: "MergePlan") -> str:
     """Front matter for the Hub, then the method, the models and the recipe."""
     method = plan.method
     base = plan.recipe.base_model
-    refs = [m.ref for m in plan.models]
+    refs = plan.recipe.model_refs()  # the merged models (not a separate tokenizer source)
     front = {
         "base_model": refs,
         "library_name": "transformers" if plan.config is not None else None,

@@ -147,6 +147,7 @@ def plan_merge(
             key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
             config[key] = torch_names[out_dtype]
     tok_idx = _tokenizer_model(recipe, models, model_index, config_idx)
+    _check_tokenizer_vocab(recipe, models, tok_idx, config)
 
     plan = MergePlan(recipe, method, models, ops, config, config_idx, tok_idx, builder.notes)
     plan.output_bytes = sum(op.out_bytes for op in ops)
@@ -438,6 +439,19 @@ def _tokenizer_model(recipe: Recipe, models, model_index, config_idx: int) -> Op
             raise RecipeError("tokenizer_source: 'base' needs a base_model.")
         return config_idx
     return model_index(source)
+
+
+def _check_tokenizer_vocab(recipe: Recipe, models, tok_idx: Optional[int], config: Optional[dict]) -> None:
+    """A tokenizer from another model must index the same vocabulary as the output."""
+    if tok_idx is None or config is None:
+        return
+    tok_config = models[tok_idx].source.config or {}
+    ours, theirs = config.get("vocab_size"), tok_config.get("vocab_size")
+    if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
+        raise RecipeError(
+            f"tokenizer_source: '{models[tok_idx].ref}' has a vocabulary of {theirs} tokens but the merged "
+            f"model's embeddings have {ours} rows; pick a tokenizer with the same vocabulary."
+        )
 
 
 def _peak_memory(plan: MergePlan) -> int:

@@ -656,3 +656,20 @@ def test_errors_are_merge_studio_errors(llama_family, bad_models, tmp_path):
         merge.check(write_recipe(tmp_path, recipe))
     message = str(info.value)
     assert "\n" not in message and all(n in message for n in names)
+
+
+def test_tokenizer_source_with_another_vocabulary_is_refused(llama_family, tmp_path, capsys):
+    import json
+    import shutil
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(llama_family["c"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = config["vocab_size"] + 8
+    (other / "config.json").write_text(json.dumps(config))
+    recipe = linear(llama_family["a"], llama_family["b"], tokenizer_source=str(other))
+    path = write_recipe(tmp_path, recipe)
+    code, _, err = run_cli(capsys, "merge", path, "-o", tmp_path / "out")
+    assert code == 1
+    assert "tokenizer_source" in err and "vocabulary" in err and str(other) in err
+    assert not (tmp_path / "out").exists()

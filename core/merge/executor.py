@@ -113,8 +113,6 @@ def iter_merge(
     atomic = AtomicOutput(output, overwrite)
     atomic.check()
     dev = resolve_device(device)
-    if dev == "cpu":
-        tune_allocator()
     started = time.monotonic()
     total_bytes = plan.output_bytes
     recipe_yaml = plan.recipe.to_yaml()
@@ -240,29 +238,6 @@ def _finite(tensor: "torch.Tensor") -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
-
-
-def tune_allocator() -> None:
-    """Let glibc keep freed large blocks for reuse instead of unmapping them.
-
-    A merge allocates and frees tensor-sized temporaries for every tensor; by
-    default each block over 32 MB is a fresh mmap whose every page faults on
-    first touch, which costs about as much as the arithmetic. Raising the mmap
-    and trim thresholds makes the next tensor reuse the same pages. Peak memory
-    is unchanged (it is the largest set of live tensors either way).
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def _load(plan: MergePlan, op: TensorOp, device: str) -> list["torch.Tensor"]:

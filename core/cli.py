@@ -195,7 +195,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"Method: {plan.method.display_name} ({plan.method.name})  {plan.method.paper}")
         print("Models:")
         for m in info["models"]:
-            print(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]  {m['path']}")
+            where = "" if m["path"] == m["ref"] else f"  {m['path']}"
+            print(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]{where}")
         ops = ", ".join(f"{n} {k}" for k, n in info["ops"].items())
         print(f"Plan: {info['tensors']} tensors ({ops}), {info['output_layers']} output layers")
         _print_groups(plan)

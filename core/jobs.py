@@ -117,7 +117,7 @@ class TerminalProgress:
         eta_text = f" ETA {eta:5.1f}s" if eta is not None and p.done < p.total else ""
         size = f" {p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB" if p.bytes_total else ""
         line = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total} tensors{size}{eta_text}"
-        self.stream.write(line)
+        self.stream.write(line + "\x1b[K")  # clear what a longer previous line left
         if p.done >= p.total:
             self.stream.write("\n")
         self.stream.flush()

@@ -128,16 +128,20 @@ def _merge(args: argparse.Namespace) -> int:
     from core.jobs import TerminalProgress
 
     progress = None if args.json else TerminalProgress(sys.stderr)
-    result = merge.run(
-        args.recipe,
-        args.output,
-        device=args.device,
-        seed=args.seed,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        on_progress=progress,
-    )
+    try:
+        result = merge.run(
+            args.recipe,
+            args.output,
+            device=args.device,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            on_progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.clear()  # an error or Ctrl-C: its one line replaces the unfinished bar
     summary = {
         "output": str(result.output),
         "tensors": result.tensors,

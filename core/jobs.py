@@ -103,6 +103,7 @@ class TerminalProgress:
         self.label = label
         self.enabled = stream.isatty()
         self._last = 0.0
+        self._drawn = False  # a bar is on the current line, not yet ended by a newline
 
     def __call__(self, p: Progress) -> None:
         if not self.enabled:
@@ -118,6 +119,14 @@ class TerminalProgress:
         size = f" {p.bytes_done / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB" if p.bytes_total else ""
         line = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total} tensors{size}{eta_text}"
         self.stream.write(line + "\x1b[K")  # clear what a longer previous line left
-        if p.done >= p.total:
+        self._drawn = p.done < p.total
+        if not self._drawn:
             self.stream.write("\n")
         self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase an unfinished bar, so an error message that follows starts its own line."""
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False

@@ -115,6 +115,13 @@ def _read_json(path: Path) -> Any:
         raise ModelError(f"{path}: cannot parse JSON ({exc}).") from None
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    value = _read_json(path)
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(value).__name__}.")
+    return value
+
+
 def _single_file(path: Path) -> ModelSource:
     header = read_header(path)
     return ModelSource(
@@ -129,7 +136,7 @@ def _single_file(path: Path) -> ModelSource:
 
 def _folder(path: Path, allow_pickle: bool) -> ModelSource:
     config_path = path / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else None
+    config = _read_json_object(config_path) if config_path.is_file() else None
     for stem in WEIGHT_STEMS:
         single = path / f"{stem}.safetensors"
         index = path / f"{stem}.safetensors.index.json"
@@ -146,7 +153,9 @@ def _folder(path: Path, allow_pickle: bool) -> ModelSource:
         index = path / "pytorch_model.bin.index.json"
         if index.is_file():
             raise ModelError(f"{path}: sharded pickle checkpoints are not supported; convert to safetensors.")
-        return _pickle_file(pickles[0], path, config, allow_pickle)
+        # Training checkpoints hold optimizer.pt, scheduler.pt, training_args.bin beside the weights.
+        weights = [p for p in pickles if p.stem in ("pytorch_model", "model", "diffusion_pytorch_model")]
+        return _pickle_file((weights or pickles)[0], path, config, allow_pickle)
     raise ModelError(
         f"{path}: not a model folder (no model.safetensors, model.safetensors.index.json "
         "or model_index.json found)."
@@ -163,6 +172,8 @@ def _sharded(path: Path, index_path: Path, config: Optional[dict]) -> ModelSourc
     files: list[Path] = []
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
+        if not isinstance(file_name, str) or not file_name:
+            raise ModelError(f"{index_path}: weight_map entry for tensor '{name}' is not a file name ({file_name!r}).")
         by_file.setdefault(file_name, []).append(name)
     for file_name, names in by_file.items():
         shard = path / file_name
@@ -201,6 +212,8 @@ def _pickle_file(file: Path, path: Path, config: Optional[dict], allow_pickle: b
     if not isinstance(state, dict):
         raise ModelError(f"{file}: does not hold a dictionary of tensors.")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ModelError(f"{file}: holds no tensors (is it a model's weights?).")
     tensors = {
         name: TensorInfo(
             name,
@@ -229,7 +242,7 @@ def _pickle_reason(exc: Exception) -> str:
 
 
 def _diffusers_pipeline(path: Path, allow_pickle: bool) -> ModelSource:
-    model_index = _read_json(path / "model_index.json")
+    model_index = _read_json_object(path / "model_index.json")
     components: dict[str, ModelSource] = {}
     for name, value in sorted(model_index.items()):
         if name.startswith("_") or not (path / name).is_dir():

@@ -114,8 +114,10 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise ModelError(f"{path}: corrupt safetensors header entry for tensor '{name}'.") from None
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise ModelError(f"{path}: tensor '{name}' has unsupported dtype {dtype}.")
+    if any(d < 0 for d in shape):
+        raise ModelError(f"{path}: corrupt safetensors header: tensor '{name}' has a negative dimension in shape {list(shape)}.")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != nbytes or begin < 0:
         raise ModelError(
@@ -210,11 +212,22 @@ RECIPE_DTYPES = {
 }
 
 
+def recipe_dtype_key(recipe_name: Any) -> str:
+    """'torch.BFloat16' -> 'bfloat16': the spelling looked up in RECIPE_DTYPES (mergekit accepts 'torch.')."""
+    return str(recipe_name).lower().removeprefix("torch.")
+
+
+def mergekit_dtype_name(recipe_name: str) -> str:
+    """The spelling mergekit reads ('bf16' -> 'bfloat16'); unknown names are returned unchanged."""
+    canonical = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    return canonical.get(RECIPE_DTYPES.get(recipe_dtype_key(recipe_name), ""), recipe_name)
+
+
 def safetensors_dtype(recipe_name: Optional[str]) -> Optional[str]:
     """'bfloat16' -> 'BF16'; None stays None; unknown names raise KeyError."""
     if recipe_name is None:
         return None
-    return RECIPE_DTYPES[str(recipe_name).lower()]
+    return RECIPE_DTYPES[recipe_dtype_key(recipe_name)]
 
 
 def dtype_name(torch_dtype_value: "torch.dtype") -> str:

@@ -63,7 +63,7 @@ def run(
             output,
             device=device,
             seed=seed,
-            shard_size=shard_size or DEFAULT_SHARD_BYTES,
+            shard_size=DEFAULT_SHARD_BYTES if shard_size is None else shard_size,
             overwrite=overwrite,
         )
         return drive(work, on_progress, cancel)

@@ -15,9 +15,12 @@ def model_card(plan: "MergePlan") -> str:
     method = plan.method
     base = plan.recipe.base_model
     refs = plan.recipe.model_refs()  # the merged models (not a separate tokenizer source)
+    library = None
+    if plan.config is not None:
+        library = "diffusers" if plan.models[plan.config_model or 0].source.kind == "diffusers" else "transformers"
     front = {
         "base_model": refs,
-        "library_name": "transformers" if plan.config is not None else None,
+        "library_name": library,
         "tags": ["merge", "mergestudio"],
     }
     front = {k: v for k, v in front.items() if v is not None}

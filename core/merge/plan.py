@@ -22,7 +22,7 @@ from typing import Any, Optional
 from core.errors import ModelError, RecipeError
 from core.io.catalog import resolve_model
 from core.io.formats import ModelSource, open_model
-from core.io.tensors import DTYPE_SIZES, RECIPE_DTYPES, TensorInfo, safetensors_dtype
+from core.io.tensors import DTYPE_SIZES, RECIPE_DTYPES, TensorInfo, recipe_dtype_key, safetensors_dtype
 from core.merge import methods as registry
 from core.merge.layers import LayerLayout, config_layer_count, detect_layout, is_pre_tensor
 from core.merge.methods.base import BASE_IGNORED, BASE_REQUIRED, GLOBAL, NON_BASE, MergeMethod, Parameter
@@ -148,6 +148,8 @@ def plan_merge(
             config[key] = torch_names[out_dtype]
     tok_idx = _tokenizer_model(recipe, models, model_index, config_idx)
     _check_tokenizer_vocab(recipe, models, tok_idx, config)
+    if template is not None:
+        _check_template_sources(models, tok_idx, config_idx)
 
     plan = MergePlan(recipe, method, models, ops, config, config_idx, tok_idx, builder.notes)
     plan.output_bytes = sum(op.out_bytes for op in ops)
@@ -158,8 +160,21 @@ def plan_merge(
     )
     plan.peak_memory_bytes = _peak_memory(plan)
     if output is not None:
+        _check_output_holds_no_input(models, Path(output))
         _check_disk(plan, Path(output))
     return plan
+
+
+def _check_output_holds_no_input(models: list[InputModel], output: Path) -> None:
+    """Replacing the output folder must never delete a model the merge reads."""
+    target = output.resolve()
+    for m in models:
+        source = m.source.path.resolve()
+        if source == target or target in source.parents:
+            raise RecipeError(
+                f"{output}: the output folder holds the input model '{m.ref}', which replacing it would delete; "
+                "write the merge to another folder."
+            )
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
@@ -187,7 +202,7 @@ def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
 def _check_dtypes(recipe: Recipe) -> None:
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
-        if value is not None and str(value).lower() not in RECIPE_DTYPES:
+        if value is not None and recipe_dtype_key(value) not in RECIPE_DTYPES:
             raise RecipeError(f"{key}: '{value}' is not a dtype (use float32, float16 or bfloat16).")
 
 
@@ -201,7 +216,8 @@ def _normalized_slices(recipe: Recipe, method: MergeMethod, models: list[InputMo
         # Copies: the layer ranges set below must not leak into the recipe (its YAML is written out).
         entries = [ModelEntry(e.model, dict(e.parameters), e.layer_range) for e in recipe.models]
         refs = [e.model for e in entries]
-        if recipe.base_model and recipe.base_model not in refs and method.base != BASE_IGNORED:
+        if recipe.base_model and recipe.base_model not in refs:
+            # mergekit appends the base for every method, even those without a base role (linear, karcher).
             entries.append(ModelEntry(recipe.base_model, {}))
         counts = {e.model: models[model_index(e.model)].layout.count for e in entries}
         if len(set(counts.values())) > 1:
@@ -255,7 +271,7 @@ def _finish_slice(recipe, method, models, model_index, entries, raw, where) -> S
             want = f"at least {method.min_models}"
         else:
             want = f"{method.min_models} to {method.max_models}"
-        base_note = " (the base model included)" if base_pos is not None else ""
+        base_note = " (the base model included)" if base_ref and base_ref in [e.model for e in entries] else ""
         raise RecipeError(f"{where}: method '{method.name}' takes {want} models{base_note}; the recipe gives {n}.")
     return indices, entries, base_pos, raw
 
@@ -364,6 +380,13 @@ class _OpBuilder:
         first = infos[0]
         assert first is not None
         if not dtypes <= set(FLOAT_DTYPES):
+            if len(infos) > 1:
+                for (_, name), info, e in zip(resolved_inputs, infos, entries):
+                    if info is not None and info.dtype.startswith("F8"):
+                        raise ModelError(
+                            f"Tensor '{name}' of model '{e.model}' is {info.dtype} (float8), which cannot be merged; "
+                            "dequantize the model to float16, bfloat16 or float32 first."
+                        )
             # Integer/bool buffers are copied from the base (or first) model.
             src = base_pos if base_pos is not None else 0
             info = infos[src]
@@ -452,6 +475,16 @@ def _check_tokenizer_vocab(recipe: Recipe, models, tok_idx: Optional[int], confi
             f"tokenizer_source: '{models[tok_idx].ref}' has a vocabulary of {theirs} tokens but the merged "
             f"model's embeddings have {ours} rows; pick a tokenizer with the same vocabulary."
         )
+
+
+def _check_template_sources(models: list[InputModel], tok_idx: Optional[int], config_idx: int) -> None:
+    """Setting a chat template rewrites tokenizer_config.json: parse it now, not after the merge."""
+    from core.io.formats import _read_json_object
+
+    for idx in {i for i in (tok_idx, config_idx) if i is not None}:
+        folder = models[idx].source.path
+        if folder.is_dir() and (folder / "tokenizer_config.json").is_file():
+            _read_json_object(folder / "tokenizer_config.json")
 
 
 def _peak_memory(plan: MergePlan) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from core.errors import RecipeError
+from core.io.tensors import mergekit_dtype_name
 
 Scalar = Union[bool, int, float, str]
 Setting = Any  # Scalar | list[Scalar] | dict(filter, value) | list[dict]
@@ -94,7 +95,8 @@ class Recipe:
         for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
             value = getattr(self, key)
             if value is not None:
-                out[key] = value
+                # mergekit reads only 'float32', 'float16', 'bfloat16', 'float64': write those spellings.
+                out[key] = mergekit_dtype_name(value) if key in ("dtype", "out_dtype") else value
         return out
 
     def to_yaml(self) -> str:
@@ -171,6 +173,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None and data.get("tokenizer") is not None:
         raise RecipeError(f"{where}: give 'tokenizer_source' or 'tokenizer', not both.")
+    if data.get("tokenizer") is not None and not isinstance(data["tokenizer"], dict):
+        raise RecipeError(f"{where}: 'tokenizer' must be a mapping (source:, tokens:), got {data['tokenizer']!r}.")
     recipe = Recipe(
         merge_method=str(data["merge_method"]),
         base_model=_model_ref(data.get("base_model"), f"{where}: base_model"),
@@ -265,13 +269,18 @@ def _params(value: Any, where: str) -> dict[str, Setting]:
     return dict(value)
 
 
-def _check_setting(setting: Any, where: str) -> None:
+def _check_setting(setting: Any, where: str, in_condition: bool = False) -> None:
+    """mergekit's grammar: a scalar, a gradient (list of scalars), a condition
+    ``{filter, value}`` whose value is a scalar or a gradient, or a list of conditions."""
     if isinstance(setting, (bool, int, float, str)):
         return
-    if isinstance(setting, dict):
+    if isinstance(setting, dict) and not in_condition:
         if "value" not in setting or set(setting) - {"filter", "value"}:
             raise RecipeError(f"{where}: a condition needs 'value' and optionally 'filter', got {setting!r}.")
-        _check_setting(setting["value"], where)
+        flt = setting.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise RecipeError(f"{where}: a condition's 'filter' must be text (part of a tensor name), got {flt!r}.")
+        _check_setting(setting["value"], where, in_condition=True)
         return
     if isinstance(setting, list):
         if not setting:
@@ -281,10 +290,14 @@ def _check_setting(setting: Any, where: str) -> None:
             return
         if any(scalars):
             raise RecipeError(f"{where}: mixes plain values and filter conditions in one list.")
-        for item in setting:
-            _check_setting(item, where)
-        return
-    raise RecipeError(f"{where}: unsupported value {setting!r}.")
+        if not in_condition and all(isinstance(e, dict) for e in setting):
+            for item in setting:
+                _check_setting(item, where)
+            return
+    raise RecipeError(
+        f"{where}: unsupported value {setting!r} (use a number, a list of numbers, or filter conditions "
+        "whose values are numbers or lists of numbers)."
+    )
 
 
 # -- evaluation (mergekit semantics) ---------------------------------------

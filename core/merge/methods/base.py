@@ -34,7 +34,7 @@ NON_BASE = "non_base"  # one value per input model except the base model
 # How a method treats a base model.
 BASE_REQUIRED = "required"
 BASE_OPTIONAL = "optional"
-BASE_IGNORED = "ignored"
+BASE_IGNORED = "ignored"  # no special role: a base_model of a models: recipe is one more input, as in mergekit
 
 
 @dataclass(frozen=True)

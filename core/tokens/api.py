@@ -122,6 +122,9 @@ class MethodSpec:
 
     ``make_matcher(options, num_layers)`` returns ``match(metric, layer, amount,
     protected) -> Merge`` where ``amount`` is the layer's r (fixed mode) or threshold.
+    A method that patches models its own way (the diffusion methods of
+    :mod:`core.tokens.diffusion`) gives ``apply_fn(model, **options) -> handle`` instead,
+    and ``targets``, the model classes it accepts.
     ``check_schedule(schedule, num_tokens, protected)`` may refuse a schedule that
     :func:`~core.tokens.bipartite.parse_r` accepted (a method whose limit on r is lower
     than bipartite matching's); it raises :class:`TokenMergeError`.
@@ -132,10 +135,12 @@ class MethodSpec:
     paper: str
     description: str
     parameters: tuple[ParamSpec, ...]
-    make_matcher: Callable[[dict, int], Callable]
+    make_matcher: Callable[[dict, int], Callable] | None = None
     threshold_mode: bool = False
     check_schedule: Callable[[list, int, int], None] | None = None
     extra_papers: tuple = field(default_factory=tuple)
+    apply_fn: Callable[..., Any] | None = None
+    targets: tuple | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -144,7 +149,7 @@ class MethodSpec:
             "paper": self.paper,
             "papers": [self.paper, *self.extra_papers],
             "description": self.description,
-            "targets": supported_classes(),
+            "targets": list(self.targets) if self.targets is not None else supported_classes(),
             "parameters": [p.as_dict() for p in self.parameters],
         }
 
@@ -158,7 +163,7 @@ def register_method(spec: MethodSpec) -> None:
 
 
 def methods() -> list[dict]:
-    """Every token-merging method for encoders, with its parameters (the GUI builds its panel from this).
+    """Every token-merging method (encoders and diffusion UNets) with its parameters; the GUI builds its panel from it.
 
     Each entry: ``name``, ``display_name``, ``paper`` (link), ``papers``,
     ``description``, ``targets`` (supported model classes) and ``parameters``, a list
@@ -311,6 +316,12 @@ def _ensure_builtin_methods() -> None:
                     check_schedule=_pitome_check,
                 )
             )
+    if "tomesd" not in _METHODS:
+        # Diffusers UNets (tomesd, ToDo): patched by module hooks in core.tokens.diffusion.
+        from core.tokens import diffusion
+
+        for diffusion_spec in diffusion.method_specs():
+            register_method(diffusion_spec)
 
 
 # --------------------------------------------------------------------------- targets
@@ -366,6 +377,13 @@ def _find_target(model) -> EncoderTarget:
         target = finder(model)
         if target is not None:
             return target
+    from core.tokens import diffusion
+
+    if diffusion.find_unet(model) is not None:
+        raise TokenMergeError(
+            f"a {type(model).__name__} is (or holds) a diffusers UNet: use method='tomesd' or method='todo' "
+            "(method='tome' and 'pitome' patch transformers encoders)."
+        )
     raise TokenMergeError(
         f"token merging does not support a {type(model).__name__}; supported: {', '.join(supported_classes())}."
     )
@@ -522,6 +540,11 @@ def apply(model, method: str = "tome", **options) -> TokenMergeHandle:
         protect_cls: never merge the class token(s) (default True).
         trace_source: keep the dense source matrix for visualisation (default False).
 
+    Diffusers UNets and pipelines take ``method="tomesd"`` or ``method="todo"``
+    instead (:func:`core.tokens.diffusion.apply`, which documents their options); they
+    return a :class:`~core.tokens.diffusion.DiffusionTokenMergeHandle` with the same
+    ``remove()`` and ``stats``.
+
     Returns:
         A :class:`TokenMergeHandle`. Applying again replaces the previous patch.
 
@@ -533,6 +556,8 @@ def apply(model, method: str = "tome", **options) -> TokenMergeHandle:
     if method not in _METHODS:
         raise TokenMergeError(f"method={method!r} is not a token-merging method; use one of {', '.join(_METHODS)}.")
     spec = _METHODS[method]
+    if spec.apply_fn is not None:
+        return spec.apply_fn(model, **options)
     target = _find_target(model)
     opts = _validate(spec, target, options)
     _check_runtime(target)

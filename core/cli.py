@@ -6,6 +6,9 @@ Without a subcommand it opens the desktop app. Subcommands work headless:
                       [--shard-size 5GB] [--allow-pickle] [--overwrite] [--json]
     mergestudio check RECIPE.yaml [--allow-pickle] [-o OUT] [--json]
     mergestudio methods [--json]
+    mergestudio tokens bench MODEL|--tiny vit|bert|unet --method tome|pitome|tomesd|todo
+                      [--r N | --ratio X | --threshold T] [--KEY VALUE ...] [--resolution PX]
+                      [--batch N] [--runs 5] [--device auto|cpu|cuda] [--json]
 
 Exit status 0 on success; otherwise 1 (bad input, one line on stderr), 130
 (cancelled with Ctrl-C) or 2 (usage). ``--debug`` shows tracebacks.
@@ -73,12 +76,141 @@ def _parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the merge methods and their parameters")
     methods.add_argument("--json", action="store_true")
     methods.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    tokens = sub.add_parser("tokens", help="token merging (ToMe and relatives): benchmark a model")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="bench")
+    bench = tokens_sub.add_parser(
+        "bench",
+        allow_abbrev=False,
+        help="time a model with and without token merging; tokens per layer, memory, fidelity",
+        description=(
+            "Runs MODEL warm with and without token merging (same process, alternating runs, medians) and prints "
+            "time per forward, speed-up, peak memory, tokens per layer and output fidelity. Other options of the "
+            "method go as --KEY VALUE (e.g. --sx 2 --use_rand false; see core.tokens.methods())."
+        ),
+    )
+    bench.add_argument("model", nargs="?", type=Path, help="a local model folder (HF ViT/DeiT/BERT/CLIP, diffusers)")
+    bench.add_argument(
+        "--tiny", choices=("vit", "bert", "unet"), help="instead of MODEL: a random model of the usual shape"
+    )
+    bench.add_argument("--tiny-size", choices=("full", "small"), default="full", help=argparse.SUPPRESS)
+    bench.add_argument("--method", default="tome", help="tome, pitome, tomesd or todo (default: tome)")
+    amount = bench.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--r", type=_parse_r, help="tokens merged per layer: N, one per layer N,N,..., or N,INFLECTION (e.g. 13,-1.0)"
+    )
+    amount.add_argument("--ratio", type=float, help="fraction of tokens merged (tomesd; todo: --downsample_factor)")
+    amount.add_argument("--threshold", type=_parse_numbers, help="merge pairs above this cosine (or one per layer)")
+    bench.add_argument("--resolution", type=int, help="image size in px (UNet: default 512; ViTs use their own)")
+    bench.add_argument("--batch", type=int, help="samples per forward (default: 8, UNet 2)")
+    bench.add_argument("--runs", type=int, default=5, help="timed forwards each way (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed forwards first, each way (default: 1)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    bench.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation of transformers models")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(method_options={})
+    parser._tokens_bench = bench  # type: ignore[attr-defined]  # read by _split_method_options
     return parser
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def _parse_numbers(text: str) -> Any:
+    """'0.9' -> 0.9, '0.9,0.8,0.7' -> [0.9, 0.8, 0.7]."""
+    parts = text.split(",")
+    if len(parts) == 1:
+        return _number(parts[0])
+    return [_number(p) for p in parts]
+
+
+def _parse_r(text: str) -> Any:
+    """'13' -> 13; '4,4,2' -> [4, 4, 2] (one per layer); '13,-1.0' -> (13, -1.0) (r, inflection)."""
+    value = _parse_numbers(text)
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], float):
+        return (value[0], value[1])
+    return value
+
+
+def _method_value(text: str) -> Any:
+    """A --KEY VALUE of a token-merging method: true/false, none, a number, or a comma list."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return _parse_numbers(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
+def _split_method_options(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take the method's own ``--KEY VALUE`` options out of a ``tokens bench`` command line.
+
+    Options ``tokens bench`` defines stay for argparse; any other ``--KEY VALUE`` (or
+    ``--KEY=VALUE``) becomes a method option (``-`` in KEY read as ``_``), handed to
+    ``core.tokens.apply``, which refuses a name the method does not have.
+    """
+    start = 0
+    while start < len(argv) and argv[start] in ("--debug", "-h", "--help"):
+        start += 1
+    if argv[start : start + 2] != ["tokens", "bench"]:
+        return argv, {}
+    bench = parser._tokens_bench  # type: ignore[attr-defined]
+    known = bench._option_string_actions
+    kept, options = list(argv[: start + 2]), {}
+    i = start + 2
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            kept.extend(argv[i:])
+            break
+        name, eq, inline = token.partition("=")
+        if not token.startswith("--") or name in known:
+            kept.append(token)
+            action = known.get(name)
+            if action is not None and action.nargs != 0 and not eq and i + 1 < len(argv):
+                kept.append(argv[i + 1])  # its value, even one that starts with '-'
+                i += 1
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        if not key.isidentifier():
+            bench.error(f"'{token}' is not an option")
+        if eq:
+            text = inline
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            text = argv[i + 1]
+            i += 1
+        else:
+            bench.error(f"the method option {name} needs a value ({name} VALUE)")
+        if key in options:
+            bench.error(f"the method option {name} is given twice")
+        options[key] = _method_value(text)
+        i += 1
+    return kept, options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, method_options = _split_method_options(parser, argv)
     args = parser.parse_args(argv)
+    args.method_options = method_options
     if isinstance(args.__dict__.get("shard_size"), str):
         args.shard_size = parse_size(args.shard_size)
     if args.command is None:
@@ -90,6 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _merge(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "tokens":
+            return _tokens_bench(args)
         return _methods(args)
     except BrokenPipeError:
         # The reader went away (`mergestudio methods | head`): not an error.
@@ -303,6 +437,66 @@ def _methods(args: argparse.Namespace) -> int:
         for p in m.parameters:
             default = "required" if p.required else f"default {p.default}"
             print(f"    {p.name:<16} {p.kind.__name__:<5} {p.scope:<8} {default:<16} {p.range_text():<14} {p.help}")
+    return 0
+
+
+def _tokens_bench(args: argparse.Namespace) -> int:
+    """``mergestudio tokens bench``: see :mod:`core.tokens.bench`."""
+    bench_parser = _parser()._tokens_bench  # type: ignore[attr-defined]
+    if (args.model is None) == (args.tiny is None):
+        bench_parser.error("give a MODEL folder or --tiny vit|bert|unet (exactly one)")
+    for name in ("batch", "runs", "resolution", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            bench_parser.error(f"--{name} must be at least 1, got {value}")
+    if args.warmup < 0:
+        bench_parser.error(f"--warmup must be at least 0, got {args.warmup}")
+
+    from core.tokens import bench, tiny
+
+    options = dict(args.method_options)
+    for name in ("r", "ratio", "threshold"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.model is not None:
+        bench.check_folder(args.model)  # before torch loads: a typo fails at once
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise bench.BenchError("--device cuda: this torch has no CUDA device available.")
+        dtype = getattr(torch, args.dtype)
+        if args.tiny is not None:
+            built = tiny.build(args.tiny, size=args.tiny_size, attn=args.attn)
+            loaded = bench.Loaded(bench.move(built.model, device, dtype), built.kind, built.description)
+            loaded.notes.extend(built.notes)
+            if built.kind == "bert":
+                loaded.notes.append("random model without a tokenizer: the sentences' words are hashed to token ids.")
+        else:
+            loaded = bench.load(args.model, attn=args.attn, dtype=dtype, device=device)
+        kind = bench.require_kind(loaded, args.method, options)
+        work = bench.workload(
+            loaded.model,
+            kind=kind,
+            batch=args.batch,
+            resolution=args.resolution,
+            tokenizer=loaded.tokenizer,
+            notes=loaded.notes,
+            description=loaded.description,
+        )
+        result = bench.run(work, args.method, options, runs=args.runs, warmup=args.warmup)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, the GUI) keep theirs
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(bench.format_text(result))
     return 0
 
 

@@ -101,13 +101,12 @@ Importing this module is cheap: torch and diffusers are imported lazily.
 from __future__ import annotations
 
 import numbers
-import operator
 import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from core.tokens.bipartite import TokenMergeError
+from core.tokens.bipartite import TokenMergeError, _as_count
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import Tensor
@@ -153,18 +152,6 @@ _HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # --------------------------------------------------------------------------- legal ranges
 
 
-def _whole(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TokenMergeError(f"{name}={value!r} must be a whole number, not a bool.")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TokenMergeError(f"{name}={value!r} must be a whole number.") from None
-    if number < minimum:
-        raise TokenMergeError(f"{name}={number} must be at least {minimum}.")
-    return number
-
-
 def max_ratio(sx: int = 2, sy: int = 2) -> float:
     """The largest legal tomesd ``ratio`` for destination strides ``sx``, ``sy``: ``1 - 1/(sx*sy)``.
 
@@ -173,8 +160,8 @@ def max_ratio(sx: int = 2, sy: int = 2) -> float:
     row/column of cells are all sources, so the bound holds for any grid). ``sx = sy = 1``
     makes every token a destination: the maximum is 0.
     """
-    sx = _whole("sx", sx, 1)
-    sy = _whole("sy", sy, 1)
+    sx = _as_count("sx", sx, 1)
+    sy = _as_count("sy", sy, 1)
     return 1.0 - 1.0 / (sx * sy)
 
 
@@ -422,7 +409,7 @@ def _check_bool(name: str, value) -> bool:
 def _max_downsample(value, levels: list[int]) -> int:
     if value is None:
         return min(levels)
-    number = _whole("max_downsample", value, 1)
+    number = _as_count("max_downsample", value, 1)
     if number & (number - 1):
         raise TokenMergeError(
             f"max_downsample={number} is not a power of two; use one of {', '.join(map(str, MAX_DOWNSAMPLE_CHOICES))}."
@@ -452,9 +439,9 @@ def _validate(method: str, options: dict, blocks: list[_Block]) -> dict:
     if method == "tomesd":
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp", "trace_source"):
             opts[name] = _check_bool(name, opts[name])
-        opts["sx"] = _whole("sx", opts["sx"], 1)
-        opts["sy"] = _whole("sy", opts["sy"], 1)
-        seed = _whole("seed", opts["seed"], 0)
+        opts["sx"] = _as_count("sx", opts["sx"], 1)
+        opts["sy"] = _as_count("sy", opts["sy"], 1)
+        seed = _as_count("seed", opts["seed"], 0)
         if seed > SEED_RANGE[1]:
             raise TokenMergeError(f"seed={seed} is larger than {SEED_RANGE[1]} (a 64-bit generator seed).")
         opts["seed"] = seed
@@ -476,7 +463,7 @@ def _validate(method: str, options: dict, blocks: list[_Block]) -> dict:
                 "enable at least one (merge_attn=True is tomesd's default)."
             )
     else:
-        opts["downsample_factor"] = _whole("downsample_factor", opts["downsample_factor"], 1)
+        opts["downsample_factor"] = _as_count("downsample_factor", opts["downsample_factor"], 1)
         if opts["downsample_method"] not in DOWNSAMPLE_METHODS:
             raise TokenMergeError(
                 f"downsample_method={opts['downsample_method']!r} is not one of {', '.join(DOWNSAMPLE_METHODS)}."
@@ -654,7 +641,7 @@ class DiffusionTokenMergeHandle:
         """
         if self._generator is None:
             raise TokenMergeError("reseed: method 'todo' has no random choices.")
-        value = self.options["seed"] if seed is None else _whole("seed", seed, 0)
+        value = self.options["seed"] if seed is None else _as_count("seed", seed, 0)
         if value > SEED_RANGE[1]:
             raise TokenMergeError(f"seed={value} is larger than {SEED_RANGE[1]} (a 64-bit generator seed).")
         self._generator.manual_seed(value)

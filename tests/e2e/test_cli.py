@@ -189,7 +189,8 @@ def test_merge_json_with_the_console_script(llama_family, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     result = json.loads(proc.stdout)
-    assert set(result) >= {"output", "tensors", "bytes", "seconds", "device", "files"}
+    assert set(result) >= {"output", "tensors", "bytes", "device", "files"}
+    assert isinstance(result["seconds"], float)  # reported, never judged: timings live in bench/
     assert result["files"] == ["model.safetensors"] and result["device"] == "cpu"
     assert result["tensors"] == len(read_state_dict(llama_family["a"]))
     assert result["bytes"] == (output / "model.safetensors").stat().st_size - _header_size(output / "model.safetensors")

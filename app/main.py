@@ -39,28 +39,22 @@ class PreflightWorker(QObject):
 
     @Slot()
     def run(self) -> None:
-        import io
-        from contextlib import redirect_stdout
-
-        from core.cli import main as cli_main
+        import core.merge as merge
+        from core.cli import format_plan
         from core.errors import MergeStudioError
-        from core.merge import load_recipe
 
         try:
-            refs = load_recipe(self.recipe_path).model_refs()
+            plan = merge.check(self.recipe_path)
         except MergeStudioError as exc:
             self.failed.emit(f"error: {exc}")
             return
-        buffer = io.StringIO()
-        errors = io.StringIO()
-        from contextlib import redirect_stderr
-
-        with redirect_stdout(buffer), redirect_stderr(errors):
-            code = cli_main(["check", str(self.recipe_path)])
-        if code != 0:
-            self.failed.emit(errors.getvalue().strip().removeprefix("mergestudio: "))
-        else:
-            self.finished.emit(buffer.getvalue(), refs)
+        except Exception as exc:  # a bug in the engine: show it, never take the window down
+            self.failed.emit(f"internal error: {type(exc).__name__}: {exc}")
+            return
+        try:
+            self.finished.emit(format_plan(plan, str(self.recipe_path)), plan.recipe.model_refs())
+        finally:
+            plan.close()
 
 
 class MainWindow(QMainWindow):

@@ -328,32 +328,39 @@ def _check(args: argparse.Namespace) -> int:
 
     plan = merge.check(args.recipe, allow_pickle=args.allow_pickle, output=args.output)
     try:
-        info = plan_summary(plan, args.output)
         if args.json:
-            print(json.dumps(info, indent=2))
-            return 0
-        print(f"Recipe {args.recipe}: OK")
-        print(f"Method: {plan.method.display_name} ({plan.method.name})  {plan.method.paper}")
-        print("Models:")
-        for m in info["models"]:
-            where = "" if m["path"] == m["ref"] else f"  {m['path']}"
-            print(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]{where}")
-        ops = ", ".join(f"{n} {k}" for k, n in info["ops"].items())
-        print(f"Plan: {info['tensors']} tensors ({ops}), {info['output_layers']} output layers")
-        _print_groups(plan)
-        print(f"Output size: {info['output_bytes'] / 1e9:.3f} GB ({', '.join(info['out_dtype'])})")
-        print(f"Peak memory (estimate): {info['peak_memory_bytes'] / 1e9:.2f} GB")
-        if info["free_disk_bytes"] is not None:
-            where = "at the output" if args.output is not None else "in the current folder"
-            print(f"Free disk {where}: {info['free_disk_bytes'] / 1e9:.1f} GB")
-        for note in plan.notes:
-            print(f"Note: {note}")
+            print(json.dumps(plan_summary(plan, args.output), indent=2))
+        else:
+            print(format_plan(plan, str(args.recipe), args.output))
         return 0
     finally:
         plan.close()
 
 
-def _print_groups(plan: Any) -> None:
+def format_plan(plan: Any, recipe_label: str, output: Optional[Path] = None) -> str:
+    """The preflight report as text: the CLI prints it, the app shows it."""
+    info = plan_summary(plan, output)
+    lines = [
+        f"Recipe {recipe_label}: OK",
+        f"Method: {plan.method.display_name} ({plan.method.name})  {plan.method.paper}",
+        "Models:",
+    ]
+    for m in info["models"]:
+        where = "" if m["path"] == m["ref"] else f"  {m['path']}"
+        lines.append(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]{where}")
+    ops = ", ".join(f"{n} {k}" for k, n in info["ops"].items())
+    lines.append(f"Plan: {info['tensors']} tensors ({ops}), {info['output_layers']} output layers")
+    lines.extend(_group_lines(plan))
+    lines.append(f"Output size: {info['output_bytes'] / 1e9:.3f} GB ({', '.join(info['out_dtype'])})")
+    lines.append(f"Peak memory (estimate): {info['peak_memory_bytes'] / 1e9:.2f} GB")
+    if info["free_disk_bytes"] is not None:
+        where = "at the output" if output is not None else "in the current folder"
+        lines.append(f"Free disk {where}: {info['free_disk_bytes'] / 1e9:.1f} GB")
+    lines.extend(f"Note: {note}" for note in plan.notes)
+    return "\n".join(lines)
+
+
+def _group_lines(plan: Any) -> list[str]:
     """The parameters shared by every tensor, then one line per tensor group.
 
     A group is a tensor name with its layer index replaced by N; a parameter
@@ -368,10 +375,11 @@ def _print_groups(plan: Any) -> None:
             continue
         for name, value in _flat_params(op).items():
             group.setdefault(name, []).append(value)
+    lines: list[str] = []
     everywhere = _constant_everywhere(values)
     if everywhere:
-        print("Parameters (all tensors): " + " ".join(f"{k}={_fmt(v)}" for k, v in everywhere.items()))
-    print("Tensor groups:")
+        lines.append("Parameters (all tensors): " + " ".join(f"{k}={_fmt(v)}" for k, v in everywhere.items()))
+    lines.append("Tensor groups:")
     shown = list(values.items())
     for key, group in shown[:40]:
         count = max((len(v) for v in group.values()), default=1)
@@ -385,9 +393,10 @@ def _print_groups(plan: Any) -> None:
                 parts.append(f"{name}={_fmt(min(vals))}..{_fmt(max(vals))}")
             else:
                 parts.append(f"{name}={_fmt(vals[0])}" if len(set(map(str, vals))) == 1 else f"{name}=varies")
-        print(f"  {key:<50} x{count:<4} {' '.join(parts)}".rstrip())
+        lines.append(f"  {key:<50} x{count:<4} {' '.join(parts)}".rstrip())
     if len(shown) > 40:
-        print(f"  ... {len(shown) - 40} more groups")
+        lines.append(f"  ... {len(shown) - 40} more groups")
+    return lines
 
 
 def _flat_params(op: Any) -> dict[str, Any]:

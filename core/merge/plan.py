@@ -40,10 +40,21 @@ class InputModel:
     ref: str  # as written in the recipe
     source: ModelSource
     layout: LayerLayout
+    _suffixes: Optional[dict[int, list[str]]] = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return f"'{self.ref}'"
+
+    def layer_suffixes(self, layer: int) -> list[str]:
+        """Tensor names of one layer without their prefix, in file order (indexed once)."""
+        if self._suffixes is None:
+            self._suffixes = {}
+            for name in _file_order(self.source.tensors):
+                split = self.layout.split(name)
+                if split:
+                    self._suffixes.setdefault(split[0], []).append(split[1])
+        return self._suffixes.get(layer, [])
 
 
 @dataclass
@@ -315,16 +326,11 @@ class _OpBuilder:
                 ref_pos = s[2] if s[2] is not None else 0
                 ref = self.models[indices[ref_pos]]
                 ref_layer = entries[ref_pos].layer_range[0] + offset
-                suffixes = []
-                for name in _file_order(ref.source.tensors):
-                    split = ref.layout.split(name)
-                    if split and split[0] == ref_layer:
-                        suffixes.append(split[1])
+                suffixes = list(ref.layer_suffixes(ref_layer))
                 for pos, (mi, e) in enumerate(zip(indices, entries)):
                     m = self.models[mi]
                     layer = e.layer_range[0] + offset
-                    own = {sp[1] for nm in m.source.tensors if (sp := m.layout.split(nm)) and sp[0] == layer}
-                    extra = sorted(own - set(suffixes))
+                    extra = sorted(set(m.layer_suffixes(layer)) - set(suffixes))
                     if extra and self.method.missing_tensors != "passthrough":
                         raise ModelError(
                             f"Tensor '{m.layout.name(layer, extra[0])}' exists in model '{e.model}' "

@@ -235,6 +235,13 @@ class MergeMethod:
         }
 
 
+def compute_dtype(tensor: "torch.Tensor") -> "torch.dtype":
+    """The dtype kernels compute in: float64 stays float64, everything else float32."""
+    import torch
+
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def check_same_shapes(inputs: TensorInputs, names: Sequence[str] = ()) -> None:
     """Raise ValueError if input tensors disagree in shape (the planner checks first)."""
     shapes = {tuple(t.shape) for t in inputs.tensors}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from core.merge.methods.base import TensorInputs
+from core.merge.methods.base import TensorInputs, compute_dtype
 from core.merge.methods.sparsify import keep_count, kth_select, l1_norm, _L1_EPS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,7 +91,7 @@ def chunked_task_vector_merge(inputs: TensorInputs, *, trim: bool, consensus: bo
     base = inputs.base
     assert base is not None
     others = inputs.non_base_indices()
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(base)
     params = inputs.params
     normalize = bool(params.get("normalize", False))
     lam = float(params.get("lambda", 1.0))

@@ -15,17 +15,10 @@ from __future__ import annotations
 
 from core.errors import RecipeError
 from core.merge.methods import register
-from core.merge.methods.base import MODEL, GLOBAL, MergeMethod, Parameter, TensorInputs, REQUIRED
+from core.merge.methods.base import GLOBAL, MODEL, REQUIRED, MergeMethod, Parameter, TensorInputs, compute_dtype
 
 
 _CHUNK = 1 << 18  # elements per chunk of a large tensor (1 MB of float32)
-
-
-def compute_dtype(tensor):
-    """float64 stays float64; everything else is computed in float32."""
-    import torch
-
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def weighted_sum(inputs: TensorInputs, weights: list[float], normalize: bool):

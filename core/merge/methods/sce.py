@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 from core.errors import RecipeError
 from core.merge.methods import register
-from core.merge.methods.base import BASE_REQUIRED, GLOBAL, MergeMethod, Parameter, TensorInputs
+from core.merge.methods.base import BASE_REQUIRED, GLOBAL, MergeMethod, Parameter, TensorInputs, compute_dtype
 from core.merge.methods.sparsify import top_mask
-from core.merge.methods.task_arithmetic import compute_dtype, sign_agreement
+from core.merge.methods.task_arithmetic import sign_agreement
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

@@ -117,11 +117,6 @@ def kth_select(flat: torch.Tensor, j: int) -> tuple[torch.Tensor, int, int]:
     return value, int(torch.count_nonzero(flat < value)), int(torch.count_nonzero(flat == value))
 
 
-def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
-    """The exact ``j``-th smallest value of the 1-D ``flat`` (see kth_select)."""
-    return kth_select(flat, j)[0]
-
-
 def top_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (shape of ``magnitude``) of its ``k`` largest entries.
 

@@ -62,6 +62,7 @@ from core.merge.methods.base import (
     MergeMethod,
     Parameter,
     TensorInputs,
+    compute_dtype,
 )
 from core.merge.methods.chunked import MIN_ELEMENTS, chunked_task_vector_merge
 from core.merge.methods.sparsify import (
@@ -83,13 +84,6 @@ OUTLIERS = "outliers"
 MAGPRUNE = "magprune"
 
 _ZERO_SUM = 1e-8  # mergekit's threshold for "the weights sum to zero"
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    import torch
-
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def sign_agreement(weighted: torch.Tensor) -> torch.Tensor:

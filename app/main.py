@@ -1,131 +1,91 @@
-"""The application entry point and a first main window.
+"""The application entry point: ``mergestudio`` without arguments, or ``make run``.
 
-This window is deliberately small (the full workspace is its own piece of
-work): it opens a mergekit recipe, runs the engine's preflight in a worker
-thread and shows the plan. The GUI thread never waits on the engine.
+Only Qt and the engine's light modules load before the window shows; torch is
+never imported by the window process (merges run in a child process), and the
+sessions database and library scan start in workers once the window is up.
+
+``MERGESTUDIO_STARTUP_PROBE=FILE`` (used by ``bench/bench_app.py``) writes, as
+JSON, when the window was first painted and the resident memory after
+``MERGESTUDIO_PROBE_IDLE_S`` idle seconds, then quits.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
-from pathlib import Path
+import time
 from typing import Optional
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
-from PySide6.QtGui import QAction, QFont
-from PySide6.QtWidgets import (
-    QApplication,
-    QFileDialog,
-    QLabel,
-    QMainWindow,
-    QPlainTextEdit,
-    QSplitter,
-    QTabWidget,
-    QListWidget,
-    QWidget,
-    QVBoxLayout,
-)
+from PySide6.QtCore import QEvent, QObject, QTimer
+from PySide6.QtWidgets import QApplication
 
 
-class PreflightWorker(QObject):
-    """Runs the engine's preflight (``mergestudio check``) off the GUI thread."""
+def _setup_logging() -> None:
+    from core.paths import home
 
-    finished = Signal(str, list)  # the plan as text, the models' names
-    failed = Signal(str)  # one sentence
+    folder = home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "app.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("mergestudio")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
-    def __init__(self, recipe_path: Path) -> None:
+
+class _FirstPaint(QObject):
+    """Notes the time of the window's first paint (the moment a person sees it)."""
+
+    def __init__(self, probe_file: str, idle_s: float) -> None:
         super().__init__()
-        self.recipe_path = recipe_path
+        self.probe_file = probe_file
+        self.idle_s = idle_s
+        self.shown_at: Optional[float] = None
 
-    @Slot()
-    def run(self) -> None:
-        import core.merge as merge
-        from core.cli import format_plan
-        from core.errors import MergeStudioError
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802
+        if self.shown_at is None and event.type() == QEvent.Type.Paint:
+            self.shown_at = time.time()
+            QTimer.singleShot(int(self.idle_s * 1000), self._report)
+        return False
 
-        try:
-            plan = merge.check(self.recipe_path)
-        except MergeStudioError as exc:
-            self.failed.emit(f"error: {exc}")
-            return
-        except Exception as exc:  # a bug in the engine: show it, never take the window down
-            self.failed.emit(f"internal error: {type(exc).__name__}: {exc}")
-            return
-        try:
-            self.finished.emit(format_plan(plan, str(self.recipe_path)), plan.recipe.model_refs())
-        finally:
-            plan.close()
+    def _report(self) -> None:
+        import psutil
 
-
-class MainWindow(QMainWindow):
-    def __init__(self) -> None:
-        super().__init__()
-        self.setWindowTitle("Merge Studio")
-        self.resize(1100, 700)
-        self._thread: Optional[QThread] = None
-        self._worker: Optional[PreflightWorker] = None
-
-        library = QWidget()
-        lib_layout = QVBoxLayout(library)
-        lib_layout.addWidget(QLabel("Models"))
-        self.models = QListWidget()
-        lib_layout.addWidget(self.models)
-
-        self.tabs = QTabWidget()
-        self.plan_view = QPlainTextEdit()
-        self.plan_view.setReadOnly(True)
-        self.plan_view.setFont(QFont("monospace"))
-        self.plan_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
-        self.plan_view.setPlaceholderText("Open a mergekit recipe (File > Open recipe…) to check it.")
-        self.tabs.addTab(self.plan_view, "Merge")
-
-        splitter = QSplitter()
-        splitter.addWidget(library)
-        splitter.addWidget(self.tabs)
-        splitter.setStretchFactor(1, 3)
-        self.setCentralWidget(splitter)
-
-        open_action = QAction("Open recipe…", self)
-        open_action.triggered.connect(self.choose_recipe)
-        self.menuBar().addMenu("&File").addAction(open_action)
-        self.statusBar().showMessage("Ready")
-
-    def choose_recipe(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open recipe", "", "Recipes (*.yaml *.yml)")
-        if path:
-            self.open_recipe(Path(path))
-
-    def open_recipe(self, path: Path) -> None:
-        self.statusBar().showMessage(f"Checking {path.name}…")
-        self.plan_view.setPlainText("Checking…")
-        thread = QThread(self)
-        worker = PreflightWorker(path)
-        worker.moveToThread(thread)
-        thread.started.connect(worker.run)
-        worker.finished.connect(self._show_plan)
-        worker.failed.connect(self._show_error)
-        worker.finished.connect(thread.quit)
-        worker.failed.connect(thread.quit)
-        self._thread, self._worker = thread, worker
-        thread.start()
-
-    @Slot(str, list)
-    def _show_plan(self, text: str, models: list) -> None:
-        self.plan_view.setPlainText(text)
-        self.models.clear()
-        self.models.addItems([Path(m).name or m for m in models])
-        for row, ref in enumerate(models):
-            self.models.item(row).setToolTip(ref)
-        self.statusBar().showMessage("Recipe checked: ready to merge")
-
-    @Slot(str)
-    def _show_error(self, text: str) -> None:
-        self.plan_view.setPlainText(text)
-        self.statusBar().showMessage("The recipe has a problem")
+        data = {
+            "shown_at": self.shown_at,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "torch_loaded": "torch" in sys.modules,
+        }
+        with open(self.probe_file, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        app = QApplication.instance()
+        for w in app.topLevelWidgets():
+            if hasattr(w, "confirm_quit"):
+                w.confirm_quit = False
+        app.quit()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     app = QApplication.instance() or QApplication(argv if argv is not None else sys.argv)
+    app.setApplicationName("Merge Studio")
+    app.setOrganizationName("mergestudio")
+    _setup_logging()
+
+    from app import settings as app_settings
+    from app.theme import apply_theme
+    from app.window import MainWindow
+
+    apply_theme(app, str(app_settings.settings().value("ui/theme") or "dark"))
     window = MainWindow()
+    probe = os.environ.get("MERGESTUDIO_STARTUP_PROBE")
+    if probe:
+        watcher = _FirstPaint(probe, float(os.environ.get("MERGESTUDIO_PROBE_IDLE_S", "5")))
+        window.installEventFilter(watcher)
+        window._probe = watcher  # keep it alive
     window.show()
     return app.exec()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

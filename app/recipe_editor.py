@@ -1,0 +1,536 @@
+"""The Merge workspace: build a recipe by pointing and clicking, see it checked live, press Merge.
+
+The editor is a view of a :class:`~core.merge.document.RecipeDocument`: the
+slots table, the parameter panel, the curve editor and the YAML view all edit
+that one model and redraw from its ``changed`` event, so they never disagree.
+The preflight (``core.merge.preflight``) runs in a worker, debounced, and
+only its latest result is shown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QStackedWidget,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.param_panel import ParameterPanel, value_span
+from app.slots_table import ModelSlotsTable
+from app.workers import GeneratorWorker
+from core.errors import MergeStudioError
+from core.merge.document import RecipeDocument
+from core.merge.methods import all_methods
+from core.merge.methods.base import BASE_IGNORED, BASE_OPTIONAL, BASE_REQUIRED
+
+PREFLIGHT_DELAY_MS = 300
+YAML_DELAY_MS = 600
+OUT_DTYPES = (("Same as inputs", None), ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32"))
+
+
+class RecipeEditor(QWidget):
+    """The Merge tab. ``mergeRequested`` fires when the user presses Merge on a checked recipe."""
+
+    mergeRequested = Signal()
+    problem = Signal(str)  # a sentence for the window's notice bar
+
+    def __init__(self, doc: RecipeDocument, describe: Callable[[str], Optional[Any]], parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.doc = doc
+        self.describe = describe  # ref -> ModelInfo-like (architecture, layer_count) or None
+        self.last_report: Any = None
+        self.preflight_runs = 0  # finished preflights (tests wait on it)
+        self._preflight_seq = 0
+        self._preflight_worker: Optional[GeneratorWorker] = None
+        self._curve_target: Optional[tuple[str, Optional[int]]] = None
+        self._filters: tuple[tuple[str, ...], tuple[str, ...]] = (("self_attn",), ("mlp",))
+        self._yaml_updating = False
+        self._curve_editing = False  # a change that came from the curve editor: don't reset it mid-drag
+        self.curve_editor: Any = None
+
+        # -- method picker and formula -------------------------------------------
+        self.method_combo = QComboBox()
+        for m in all_methods():
+            self.method_combo.addItem(f"{m.display_name}  ({m.name})", m.name)
+        self.method_combo.setToolTip("Merge method (from the engine's registry)")
+        self.method_combo.activated.connect(self._method_picked)
+        self.method_info = QLabel()
+        self.method_info.setWordWrap(True)
+        self.method_info.setOpenExternalLinks(True)
+        self.method_info.setTextFormat(Qt.TextFormat.RichText)
+        self.formula_label = QLabel()
+        self.formula_label.setObjectName("formula")
+        self.formula_label.setWordWrap(True)
+        self.formula_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.formula_label.setToolTip("What the merge computes, with the models' names")
+
+        # -- slots ---------------------------------------------------------------------
+        self.slots_table = ModelSlotsTable(doc, lambda ref: getattr(self.describe(ref), "architecture", None))
+        self.slots_table.modelsDropped.connect(self.add_models)
+        self.remove_button = QPushButton("Remove")
+        self.up_button = QPushButton("Up")
+        self.down_button = QPushButton("Down")
+        self.base_button = QPushButton("Set as base")
+        self.remove_button.clicked.connect(self._remove_slot)
+        self.up_button.clicked.connect(lambda: self._move_slot(-1))
+        self.down_button.clicked.connect(lambda: self._move_slot(1))
+        self.base_button.clicked.connect(self._toggle_base)
+        slot_buttons = QHBoxLayout()
+        for b in (self.remove_button, self.up_button, self.down_button, self.base_button):
+            slot_buttons.addWidget(b)
+        slot_buttons.addStretch(1)
+
+        # -- parameters -------------------------------------------------------------
+        self.params = ParameterPanel(doc)
+        self.params.curveRequested.connect(self._curve_requested)
+
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        models_label = QLabel("Models (drag from the library)")
+        models_label.setObjectName("muted")
+        left_layout.addWidget(models_label)
+        left_layout.addWidget(self.slots_table, 2)
+        left_layout.addLayout(slot_buttons)
+        left_layout.addWidget(self.params, 3)
+
+        # -- right: curve, YAML, plan --------------------------------------------------
+        self.side_tabs = QTabWidget()
+        self.curve_stack = QStackedWidget()
+        self.curve_hint = QLabel("Press 'Per layer' beside a parameter to edit its curve over the layers.")
+        self.curve_hint.setWordWrap(True)
+        self.curve_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.curve_hint.setObjectName("muted")
+        self.curve_target_label = QLabel()
+        curve_page = QWidget()
+        self._curve_page_layout = QVBoxLayout(curve_page)
+        self._curve_page_layout.addWidget(self.curve_target_label)
+        self.curve_stack.addWidget(self.curve_hint)
+        self.curve_stack.addWidget(curve_page)
+        self.side_tabs.addTab(self.curve_stack, "Per-layer curve")
+
+        self.yaml_view = QPlainTextEdit()
+        self.yaml_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        font = self.yaml_view.font()
+        font.setFamily("monospace")
+        self.yaml_view.setFont(font)
+        self.yaml_view.setPlaceholderText("The recipe in mergekit's YAML format; edits here update the editor.")
+        self.yaml_view.textChanged.connect(self._yaml_typed)
+        self.yaml_status = QLabel()
+        self.yaml_status.setWordWrap(True)
+        yaml_page = QWidget()
+        yaml_layout = QVBoxLayout(yaml_page)
+        yaml_layout.setContentsMargins(0, 0, 0, 0)
+        yaml_layout.addWidget(self.yaml_view, 1)
+        yaml_layout.addWidget(self.yaml_status)
+        self.side_tabs.addTab(yaml_page, "YAML")
+
+        self.plan_view = QPlainTextEdit()
+        self.plan_view.setReadOnly(True)
+        self.plan_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.plan_view.setFont(font)
+        self.side_tabs.addTab(self.plan_view, "Plan")
+
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(self.side_tabs)
+        splitter.setStretchFactor(0, 1)
+        splitter.setStretchFactor(1, 1)
+
+        # -- preflight and export ---------------------------------------------------------
+        self.preflight_label = QLabel("Add models to check a recipe.")
+        self.preflight_label.setWordWrap(True)
+        self.preflight_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.estimate_label = QLabel()
+        self.estimate_label.setObjectName("muted")
+        self.estimate_label.setWordWrap(True)
+
+        export = QGroupBox("Export")
+        grid = QGridLayout(export)
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("Output folder for the merged model")
+        self.output_edit.editingFinished.connect(self._export_edited)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_output)
+        self.dtype_combo = QComboBox()
+        for text, value in OUT_DTYPES:
+            self.dtype_combo.addItem(text, value)
+        self.dtype_combo.activated.connect(self._dtype_picked)
+        self.shard_edit = QLineEdit()
+        self.shard_edit.setMaximumWidth(90)
+        self.shard_edit.setToolTip("Largest shard file, e.g. 5GB, 500MB, 2GiB")
+        self.shard_edit.editingFinished.connect(self._export_edited)
+        self.card_check = QCheckBox("Model card")
+        self.card_check.setToolTip("Write README.md describing the merge (the recipe is always saved)")
+        self.card_check.toggled.connect(self._export_edited)
+        self.overwrite_check = QCheckBox("Replace existing output")
+        self.overwrite_check.toggled.connect(self._export_edited)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.activated.connect(self._export_edited)
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setToolTip("Seed of the random methods (DARE, DELLA): the same seed gives the same merge")
+        self.seed_spin.editingFinished.connect(self._export_edited)
+        self.merge_button = QPushButton("Merge")
+        self.merge_button.setObjectName("primary")
+        self.merge_button.setEnabled(False)
+        self.merge_button.clicked.connect(self._merge_clicked)
+        grid.addWidget(QLabel("Output"), 0, 0)
+        grid.addWidget(self.output_edit, 0, 1, 1, 5)
+        grid.addWidget(browse, 0, 6)
+        grid.addWidget(QLabel("dtype"), 1, 0)
+        grid.addWidget(self.dtype_combo, 1, 1)
+        grid.addWidget(QLabel("Shard size"), 1, 2)
+        grid.addWidget(self.shard_edit, 1, 3)
+        grid.addWidget(QLabel("Device"), 1, 4)
+        grid.addWidget(self.device_combo, 1, 5)
+        grid.addWidget(QLabel("Seed"), 2, 0)
+        grid.addWidget(self.seed_spin, 2, 1)
+        grid.addWidget(self.card_check, 2, 2, 1, 2)
+        grid.addWidget(self.overwrite_check, 2, 4, 1, 2)
+        grid.addWidget(self.merge_button, 1, 6, 2, 1)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Method"))
+        top.addWidget(self.method_combo)
+        top.addWidget(self.method_info, 1)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(self.formula_label)
+        layout.addWidget(splitter, 1)
+        layout.addWidget(self.preflight_label)
+        layout.addWidget(self.estimate_label)
+        layout.addWidget(export)
+
+        self._preflight_timer = QTimer(self)
+        self._preflight_timer.setSingleShot(True)
+        self._preflight_timer.setInterval(PREFLIGHT_DELAY_MS)
+        self._preflight_timer.timeout.connect(self.run_preflight)
+        self._yaml_timer = QTimer(self)
+        self._yaml_timer.setSingleShot(True)
+        self._yaml_timer.setInterval(YAML_DELAY_MS)
+        self._yaml_timer.timeout.connect(self.apply_yaml)
+
+        doc.events.changed.connect(self._on_doc_changed)
+        self._on_doc_changed("all")
+
+    # -- public -------------------------------------------------------------------
+    def add_models(self, paths: list[str], names: Optional[dict[str, str]] = None) -> None:
+        """Add models to the recipe (drops, double-clicks); a problem goes to the notice bar."""
+        for path in paths:
+            info = self.describe(path)
+            name = (names or {}).get(path) or getattr(info, "name", None)
+            try:
+                self.doc.add_model(path, name)
+            except MergeStudioError as exc:
+                self.problem.emit(str(exc))
+
+    def schedule_preflight(self) -> None:
+        self._preflight_timer.start()
+
+    def run_preflight(self) -> None:
+        """Check the current recipe in a worker; a newer request makes older results stale."""
+        self._preflight_timer.stop()
+        self._preflight_seq += 1
+        seq = self._preflight_seq
+        if not self.doc.slots:
+            self._show_report(seq, None)
+            return
+        try:
+            recipe = self.doc.to_recipe()
+        except MergeStudioError as exc:
+            from core.merge.preflight import PreflightReport
+
+            self._show_report(seq, PreflightReport(False, str(exc)))
+            return
+        from core.merge.preflight import preflight
+
+        output = Path(self.doc.export.output).expanduser() if self.doc.export.output.strip() else None
+        self.preflight_label.setText("Checking…")
+        worker = GeneratorWorker(preflight, recipe, output, overwrite=self.doc.export.overwrite)
+        worker.returned.connect(lambda report, s=seq: self._show_report(s, report))
+        worker.errored.connect(lambda text, s=seq: self._show_error(s, text))
+        self._preflight_worker = worker
+        worker.start()
+
+    def select_curve(self, name: str, slot: Optional[int]) -> None:
+        """Show the curve of parameter ``name`` (of model ``slot``, or global) in the curve editor."""
+        self._curve_requested(name, slot)
+
+    # -- document -> views ----------------------------------------------------------
+    def _on_doc_changed(self, what: str) -> None:
+        doc = self.doc
+        index = self.method_combo.findData(doc.method_name)
+        if index >= 0 and index != self.method_combo.currentIndex():
+            self.method_combo.setCurrentIndex(index)
+        self.method_combo.setEnabled(doc.editable)
+        self._show_method_info()
+        self.formula_label.setText(doc.formula())
+        for b in (self.remove_button, self.up_button, self.down_button, self.base_button):
+            b.setEnabled(doc.editable)
+        if what in ("export", "all"):
+            self._show_export()
+        if what != "yaml":
+            self._show_yaml()
+        self._refresh_curve()
+        self.merge_button.setEnabled(False)
+        self.schedule_preflight()
+
+    def _show_method_info(self) -> None:
+        m = self.doc.method
+        base = {
+            BASE_REQUIRED: "needs a base model",
+            BASE_OPTIONAL: "base model optional",
+            BASE_IGNORED: "no base model role",
+        }.get(m.base, "")
+        count = f"{m.min_models}+" if m.max_models is None else (
+            str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}–{m.max_models}"
+        )
+        link = f' · <a href="{m.paper}">paper</a>' if m.paper else ""
+        self.method_info.setText(f"{m.description} <i>({base}; {count} models)</i>{link}")
+        self.base_button.setToolTip(
+            "Mark the selected model as the base"
+            + ("" if m.base != BASE_IGNORED else " (this method merges the base_model as one more input)")
+        )
+
+    def _show_export(self) -> None:
+        e = self.doc.export
+        widgets = (self.output_edit, self.shard_edit, self.card_check, self.overwrite_check, self.device_combo, self.seed_spin)
+        for w in widgets:
+            w.blockSignals(True)
+        self.output_edit.setText(e.output)
+        self.shard_edit.setText(e.shard_size)
+        self.card_check.setChecked(e.model_card)
+        self.overwrite_check.setChecked(e.overwrite)
+        self.device_combo.setCurrentText(e.device)
+        self.seed_spin.setValue(int(e.seed))
+        for w in widgets:
+            w.blockSignals(False)
+        index = self.dtype_combo.findData(self.doc.out_dtype)
+        self.dtype_combo.setCurrentIndex(index if index >= 0 else 0)
+
+    def _show_yaml(self) -> None:
+        text = self.doc.to_yaml()
+        if text == self.yaml_view.toPlainText():
+            return
+        self._yaml_updating = True
+        try:
+            self.yaml_view.setPlainText(text)
+        finally:
+            self._yaml_updating = False
+        self.yaml_status.setText("")
+
+    # -- views -> document -------------------------------------------------------
+    def _method_picked(self, index: int) -> None:
+        name = self.method_combo.itemData(index)
+        try:
+            self.doc.set_method(name)
+        except MergeStudioError as exc:
+            self.problem.emit(str(exc))
+
+    def _remove_slot(self) -> None:
+        row = self.slots_table.selected_slot()
+        if row is not None:
+            self.doc.remove_slot(row)
+
+    def _move_slot(self, step: int) -> None:
+        row = self.slots_table.selected_slot()
+        if row is not None:
+            self.doc.move_slot(row, row + step)
+            self.slots_table.selectRow(max(0, min(len(self.doc.slots) - 1, row + step)))
+
+    def _toggle_base(self) -> None:
+        row = self.slots_table.selected_slot()
+        if row is None:
+            return
+        self.doc.set_base(None if row == self.doc.base_index else row)
+
+    def _yaml_typed(self) -> None:
+        if not self._yaml_updating:
+            self._yaml_timer.start()
+
+    def apply_yaml(self) -> None:
+        """Read the YAML view into the document; on an error the document keeps its last good state."""
+        self._yaml_timer.stop()
+        text = self.yaml_view.toPlainText()
+        if text == self.doc.to_yaml():
+            return
+        if not text.strip():
+            self.yaml_status.setText("The YAML is empty; the editor keeps the last recipe.")
+            self.yaml_status.setObjectName("problem")
+            self._restyle(self.yaml_status)
+            return
+        names = {s.ref: s.name for s in self.doc.slots}
+        try:
+            self.doc.events.changed.disconnect(self._on_doc_changed)
+            try:
+                self.doc.load_yaml(text, source_path=self.doc.source_path, names=names)
+            finally:
+                self.doc.events.changed.connect(self._on_doc_changed)
+        except MergeStudioError as exc:
+            self.yaml_status.setText(f"Not applied: {' '.join(str(exc).split())}")
+            self.yaml_status.setObjectName("problem")
+            self._restyle(self.yaml_status)
+            return
+        self.yaml_status.setText("Applied.")
+        self.yaml_status.setObjectName("ok")
+        self._restyle(self.yaml_status)
+        self._on_doc_changed("yaml")
+
+    def _export_edited(self, *args: Any) -> None:
+        self.doc.set_export(
+            output=self.output_edit.text().strip(),
+            shard_size=self.shard_edit.text().strip() or "5GB",
+            model_card=self.card_check.isChecked(),
+            overwrite=self.overwrite_check.isChecked(),
+            device=self.device_combo.currentText(),
+            seed=self.seed_spin.value(),
+        )
+
+    def _dtype_picked(self, index: int) -> None:
+        self.doc.set_out_dtype(self.dtype_combo.itemData(index))
+
+    def _browse_output(self) -> None:
+        start = self.doc.export.output or str(Path.home())
+        folder = QFileDialog.getExistingDirectory(self, "Output folder (its parent must exist)", start)
+        if folder:
+            self.output_edit.setText(folder)
+            self._export_edited()
+
+    def _merge_clicked(self) -> None:
+        if self.last_report is not None and self.last_report.ok:
+            self.mergeRequested.emit()
+
+    # -- preflight -----------------------------------------------------------------
+    def _show_report(self, seq: int, report: Any) -> None:
+        if seq != self._preflight_seq:
+            return  # a newer check is on its way
+        self.preflight_runs += 1
+        self.last_report = report
+        if report is None:
+            self.preflight_label.setText("Add models to check a recipe.")
+            self.preflight_label.setObjectName("muted")
+            self.estimate_label.setText("")
+            self.plan_view.setPlainText("")
+            self.slots_table.set_problem_refs(set())
+        elif not report.ok:
+            self.preflight_label.setText(f"Problem: {report.problem}")
+            self.preflight_label.setObjectName("problem")
+            self.estimate_label.setText("")
+            self.plan_view.setPlainText(report.problem or "")
+            self.slots_table.set_problem_refs(set(report.problem_refs))
+        else:
+            s = report.summary
+            self.preflight_label.setText(
+                f"Ready: {s['tensors']} tensors, {s['output_layers']} layers, output {s['output_bytes'] / 1e9:.3f} GB."
+                + "".join(f"  Warning: {w}" for w in report.warnings)
+            )
+            self.preflight_label.setObjectName("problem" if report.warnings else "ok")
+            free_disk = s.get("free_disk_bytes")
+            disk = f"; free disk {free_disk / 1e9:.1f} GB" if free_disk is not None else ""
+            self.estimate_label.setText(
+                f"Estimated peak memory {s['peak_memory_bytes'] / 1e9:.2f} GB (merge process){disk}."
+            )
+            self.plan_view.setPlainText(report.text)
+            self.slots_table.set_problem_refs(set())
+            self._filters = report.filters
+        self._restyle(self.preflight_label)
+        needs_output = bool(self.doc.export.output.strip())
+        self.merge_button.setEnabled(bool(report is not None and report.ok and needs_output))
+        self.merge_button.setToolTip("" if needs_output else "Choose an output folder first")
+        self._refresh_curve()
+
+    def _show_error(self, seq: int, text: str) -> None:
+        from core.merge.preflight import PreflightReport
+
+        self._show_report(seq, PreflightReport(False, text))
+
+    @staticmethod
+    def _restyle(widget: QWidget) -> None:
+        widget.style().unpolish(widget)
+        widget.style().polish(widget)
+
+    # -- curves ----------------------------------------------------------------------
+    def layer_count(self) -> int:
+        report = self.last_report
+        if report is not None and getattr(report, "layer_count", None):
+            return int(report.layer_count)
+        for slot in self.doc.slots:
+            count = getattr(self.describe(slot.ref), "layer_count", None)
+            if count:
+                return int(count)
+        return 1
+
+    def _curve_requested(self, name: str, slot: Optional[int]) -> None:
+        if not name:
+            self._curve_target = None
+        else:
+            self._curve_target = (name, slot)
+            self.side_tabs.setCurrentIndex(0)
+        self._refresh_curve()
+
+    def _ensure_curve_editor(self) -> Any:
+        if self.curve_editor is None:
+            from app.widgets.curve_editor import CurveEditor  # pyqtgraph loads here, after the window is up
+
+            self.curve_editor = CurveEditor()
+            self.curve_editor.curvesChanged.connect(self._curve_edited)
+            self._curve_page_layout.addWidget(self.curve_editor, 1)
+        return self.curve_editor
+
+    def _refresh_curve(self) -> None:
+        if self._curve_editing:
+            return
+        target = self._curve_target
+        if target is None or not self.doc.editable:
+            self.curve_stack.setCurrentIndex(0)
+            return
+        name, slot = target
+        param = self.doc.method.parameter(name)
+        valid_slot = slot is None or slot < len(self.doc.slots)
+        if param is None or not valid_slot:
+            self._curve_target = None
+            self.curve_stack.setCurrentIndex(0)
+            return
+        from core.merge.curves import LayerCurves
+
+        setting = self.doc.param_value(name, slot)
+        attention, mlp = self._filters
+        curves = LayerCurves.from_setting(setting, attention_filters=attention, mlp_filters=mlp)
+        editor = self._ensure_curve_editor()
+        owner = "the recipe" if slot is None else self.doc.display(slot)
+        self.curve_target_label.setText(f"<b>{name}</b> of {owner}")
+        if curves is None:
+            editor.set_enabled_reason("This setting uses filters the curve editor cannot show; edit it in the YAML view.")
+        else:
+            editor.set_enabled_reason(None)
+            editor.set_curves(curves, self.layer_count(), value_span(param, setting), name)
+        self.curve_stack.setCurrentIndex(1)
+
+    def _curve_edited(self, curves: Any) -> None:
+        if self._curve_target is None:
+            return
+        name, slot = self._curve_target
+        self._curve_editing = True
+        try:
+            self.doc.set_param(name, curves.to_setting(), slot)
+        finally:
+            self._curve_editing = False

@@ -102,7 +102,7 @@ class LibraryTableModel(QAbstractTableModel):
         return [MODEL_MIME, "text/plain"]
 
     def mimeData(self, indexes: list[QModelIndex]):  # noqa: N802
-        rows = sorted({i.row() for i in indexes})
+        rows = list(dict.fromkeys(i.row() for i in indexes))  # in selection order, each once
         return model_mime([str(self.rows[r].path) for r in rows])
 
 

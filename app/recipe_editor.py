@@ -58,6 +58,7 @@ class RecipeEditor(QWidget):
         self.last_report: Any = None
         self.preflight_runs = 0  # finished preflights (tests wait on it)
         self._preflight_seq = 0
+        self._shown_seq = 0
         self._preflight_worker: Optional[GeneratorWorker] = None
         self._curve_target: Optional[tuple[str, Optional[int]]] = None
         self._filters: tuple[tuple[str, ...], tuple[str, ...]] = (("self_attn",), ("mlp",))
@@ -266,10 +267,16 @@ class RecipeEditor(QWidget):
         output = Path(self.doc.export.output).expanduser() if self.doc.export.output.strip() else None
         self.preflight_label.setText("Checking…")
         worker = GeneratorWorker(preflight, recipe, output, overwrite=self.doc.export.overwrite)
-        worker.returned.connect(lambda report, s=seq: self._show_report(s, report))
-        worker.errored.connect(lambda text, s=seq: self._show_error(s, text))
+        worker.setProperty("seq", seq)
+        # Bound methods (not lambdas): Qt drops the connection if this editor is gone before the check ends.
+        worker.returned.connect(self._preflight_returned)
+        worker.errored.connect(self._preflight_errored)
         self._preflight_worker = worker
         worker.start()
+
+    def preflight_idle(self) -> bool:
+        """True when the shown preflight result belongs to the current recipe (nothing pending)."""
+        return not self._preflight_timer.isActive() and self._shown_seq == self._preflight_seq
 
     def select_curve(self, name: str, slot: Optional[int]) -> None:
         """Show the curve of parameter ``name`` (of model ``slot``, or global) in the curve editor."""
@@ -423,6 +430,7 @@ class RecipeEditor(QWidget):
     def _show_report(self, seq: int, report: Any) -> None:
         if seq != self._preflight_seq:
             return  # a newer check is on its way
+        self._shown_seq = seq
         self.preflight_runs += 1
         self.last_report = report
         if report is None:
@@ -457,6 +465,12 @@ class RecipeEditor(QWidget):
         self.merge_button.setEnabled(bool(report is not None and report.ok and needs_output))
         self.merge_button.setToolTip("" if needs_output else "Choose an output folder first")
         self._refresh_curve()
+
+    def _preflight_returned(self, report: Any) -> None:
+        self._show_report(int(self.sender().property("seq")), report)
+
+    def _preflight_errored(self, text: str) -> None:
+        self._show_error(int(self.sender().property("seq")), text)
 
     def _show_error(self, seq: int, text: str) -> None:
         from core.merge.preflight import PreflightReport

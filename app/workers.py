@@ -2,14 +2,16 @@
 
 A :class:`GeneratorWorker` runs a generator function in its own QThread: each
 value it yields reaches the GUI thread through ``yielded``, its return value
-through ``returned``. ``quit()`` (from the GUI thread) asks it to stop: the
-generator is closed at its next yield, so its ``finally`` blocks clean up.
-Errors never escape as tracebacks: a :class:`~core.errors.MergeStudioError`
-arrives as its one sentence through ``errored``; anything else is a bug,
-reported in one line and logged with its traceback under MERGESTUDIO_HOME.
+through ``returned``. ``quit()`` asks it to stop: the generator is closed at
+its next yield, so its ``finally`` blocks clean up. Errors never escape as
+tracebacks: a :class:`~core.errors.MergeStudioError` arrives as its one
+sentence through ``errored``; anything else is a bug, reported in one line and
+logged with its traceback under MERGESTUDIO_HOME/logs.
 
-Signals are queued to the receiver's thread, so slots connected from the GUI
-thread run on the GUI thread and may touch widgets.
+The worker object itself stays on the GUI thread and re-emits what a runner
+object (living on the work thread) sends it through queued connections. So
+every public signal is emitted on the GUI thread, and any callable connected
+to it (lambdas included) runs there and may touch widgets.
 """
 
 from __future__ import annotations
@@ -25,82 +27,44 @@ log = logging.getLogger("mergestudio.app")
 _running: set["GeneratorWorker"] = set()  # keeps workers alive until their thread ends
 
 
-class GeneratorWorker(QObject):
-    """Runs ``func(*args, **kwargs)`` (a generator function, or a plain one) in a thread."""
+class _Runner(QObject):
+    """Lives on the work thread; runs the function and reports to the worker."""
 
-    started = Signal()
     yielded = Signal(object)
     returned = Signal(object)
     errored = Signal(str)
     cancelled = Signal()
-    finished = Signal()  # always last, whatever the outcome
+    done = Signal()
 
-    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, func: Callable[..., Any], args: tuple, kwargs: dict, abort: threading.Event) -> None:
         super().__init__()
         self._func = func
         self._args = args
         self._kwargs = kwargs
-        self._abort = threading.Event()
-        self._thread: Optional[QThread] = None
-        self.outcome: Optional[str] = None  # "returned" | "errored" | "cancelled", once finished
-
-    @property
-    def abort_requested(self) -> bool:
-        return self._abort.is_set()
-
-    def start(self) -> "GeneratorWorker":
-        thread = QThread()
-        thread.setObjectName(getattr(self._func, "__name__", "worker"))
-        self.moveToThread(thread)
-        thread.started.connect(self._run)
-        self.finished.connect(thread.quit)
-        thread.finished.connect(_reaper().reap)  # runs on the GUI thread, after the thread has ended
-        self._thread = thread
-        _running.add(self)
-        thread.start()
-        return self
-
-    def quit(self) -> None:
-        """Stop at the next yield (thread-safe, returns at once)."""
-        self._abort.set()
-
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.isRunning()
-
-    def wait(self, msecs: int = 10000) -> bool:
-        """Block until the thread ends (tests and shutdown only; never on the GUI thread during work)."""
-        return self._thread.wait(msecs) if self._thread is not None else True
+        self._abort = abort
 
     @Slot()
-    def _run(self) -> None:
+    def run(self) -> None:
         from core.errors import CancelledError, MergeStudioError
 
-        self.started.emit()
         try:
             result = self._func(*self._args, **self._kwargs)
             if hasattr(result, "__next__"):
                 result = self._drive(result)
-        except _Aborted:
-            self.outcome = "cancelled"
-            self.cancelled.emit()
-        except CancelledError:
-            self.outcome = "cancelled"
+        except (_Aborted, CancelledError):
             self.cancelled.emit()
         except MergeStudioError as exc:
-            self.outcome = "errored"
             self.errored.emit(" ".join(str(exc).split()))
         except MemoryError:
-            self.outcome = "errored"
             self.errored.emit("Out of memory: the work was stopped; the app keeps running.")
         except Exception as exc:  # a bug: one line for the user, the traceback in the log
             log.exception("worker %s failed", getattr(self._func, "__name__", self._func))
-            self.outcome = "errored"
             self.errored.emit(f"Internal error: {type(exc).__name__}: {' '.join(str(exc).split())}")
         else:
-            self.outcome = "returned"
             self.returned.emit(result)
         finally:
-            self.finished.emit()
+            self.done.emit()
+            QThread.currentThread().quit()  # the thread ends by itself, so wait() never depends on the GUI thread
 
     def _drive(self, gen: Any) -> Any:
         try:
@@ -114,38 +78,90 @@ class GeneratorWorker(QObject):
             return stop.value
 
 
+class GeneratorWorker(QObject):
+    """Runs ``func(*args, **kwargs)`` (a generator function, or a plain one) in a thread."""
+
+    yielded = Signal(object)
+    returned = Signal(object)
+    errored = Signal(str)
+    cancelled = Signal()
+    finished = Signal()  # always last, whatever the outcome
+
+    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self._func = func
+        self._abort = threading.Event()
+        self._runner = _Runner(func, args, kwargs, self._abort)
+        self._thread: Optional[QThread] = None
+        self._done = threading.Event()
+        self.outcome: Optional[str] = None  # "returned" | "errored" | "cancelled", once finished
+
+    @property
+    def abort_requested(self) -> bool:
+        return self._abort.is_set()
+
+    def start(self) -> "GeneratorWorker":
+        thread = QThread()
+        thread.setObjectName(getattr(self._func, "__name__", "worker"))
+        runner = self._runner
+        runner.moveToThread(thread)
+        thread.started.connect(runner.run)
+        runner.yielded.connect(self._on_yielded)
+        runner.returned.connect(self._on_returned)
+        runner.errored.connect(self._on_errored)
+        runner.cancelled.connect(self._on_cancelled)
+        runner.done.connect(self._on_done)
+        self._thread = thread
+        _running.add(self)
+        thread.start()
+        return self
+
+    def quit(self) -> None:
+        """Stop at the next yield (thread-safe, returns at once)."""
+        self._abort.set()
+
+    def is_running(self) -> bool:
+        return self._thread is not None and not self._done.is_set()
+
+    def wait(self, msecs: int = 10000) -> bool:
+        """Block until the work thread ends (tests and shutdown only, never during normal work)."""
+        thread = self._thread
+        return thread.wait(msecs) if thread is not None else True
+
+    # -- relays, on the GUI thread -------------------------------------------------
+    @Slot(object)
+    def _on_yielded(self, value: Any) -> None:
+        self.yielded.emit(value)
+
+    @Slot(object)
+    def _on_returned(self, value: Any) -> None:
+        self.outcome = "returned"
+        self.returned.emit(value)
+
+    @Slot(str)
+    def _on_errored(self, text: str) -> None:
+        self.outcome = "errored"
+        self.errored.emit(text)
+
+    @Slot()
+    def _on_cancelled(self) -> None:
+        self.outcome = "cancelled"
+        self.cancelled.emit()
+
+    @Slot()
+    def _on_done(self) -> None:
+        self._done.set()
+        thread = self._thread
+        if thread is not None:
+            thread.wait()  # it quits by itself right after run(): this returns at once
+            thread.deleteLater()
+            self._thread = None
+        _running.discard(self)
+        self.finished.emit()
+
 
 class _Aborted(Exception):
     pass
-
-
-class _Reaper(QObject):
-    """Lives on the GUI thread; forgets workers whose thread has ended."""
-
-    @Slot()
-    def reap(self) -> None:
-        thread = self.sender()
-        for worker in list(_running):
-            if worker._thread is thread:
-                _running.discard(worker)
-                worker._thread = None
-        if thread is not None:
-            thread.deleteLater()
-
-
-_REAPER: Optional[_Reaper] = None
-
-
-def _reaper() -> _Reaper:
-    global _REAPER
-    if _REAPER is None:
-        _REAPER = _Reaper()
-    return _REAPER
-
-
-def start_worker(func: Callable[..., Any], *args: Any, **kwargs: Any) -> GeneratorWorker:
-    """Create a worker, let the caller connect it, then start it (``start_worker(...).start()`` pattern)."""
-    return GeneratorWorker(func, *args, **kwargs)
 
 
 def running_workers() -> list[GeneratorWorker]:

@@ -10,6 +10,10 @@ app through ``app/launcher.py``, which calls this for everything else):
     mergestudio tokens bench MODEL|--tiny vit|bert|unet --method tome|pitome|tomesd|todo
                       [--r N | --ratio X | --threshold T] [--KEY VALUE ...] [--resolution PX]
                       [--batch N] [--runs 5] [--device auto|cpu|cuda] [--json]
+    mergestudio models scan FOLDER... [--hf-cache] [--json]    (see core/library_cli.py)
+    mergestudio models demo [DEST] [--json]
+    mergestudio sessions list [--json]                          (see core/sessions/cli.py)
+    mergestudio sessions show ID [--json]
 
 Exit status 0 on success; otherwise 1 (bad input, one line on stderr), 130
 (cancelled with Ctrl-C) or 2 (usage). ``--debug`` shows tracebacks.
@@ -65,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt/.pt with weights_only=True")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     merge.add_argument("--json", action="store_true", help="print the result as JSON")
+    merge.add_argument("--no-card", action="store_true", help="do not write the model card (README.md)")
+    merge.add_argument(
+        "--progress-jsonl",
+        action="store_true",
+        help="machine-readable: one JSON object per line on stdout (progress, then result or error); "
+        "a line 'cancel' or end-of-file on stdin cancels the merge",
+    )
+    merge.add_argument("--tensor-delay", type=float, default=0.0, metavar="SECONDS", help=argparse.SUPPRESS)
     merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a recipe and print the plan and estimates")
@@ -114,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(method_options={})
     parser._tokens_bench = bench  # type: ignore[attr-defined]  # read by _split_method_options
+
+    from core.library_cli import add_parser as add_models_parser  # mergestudio models scan|demo
+
+    add_models_parser(sub)
+
+    from core.sessions.cli import add_parser as add_sessions_parser  # mergestudio sessions list|show
+
+    add_sessions_parser(sub)
     return parser
 
 
@@ -217,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         # `mergestudio` with no arguments opens the app (app/launcher.py); here, in
         # the headless engine, options without a command are a usage mistake.
-        print("mergestudio: error: give a command (merge, check, methods, tokens); "
+        print("mergestudio: error: give a command (merge, check, methods, tokens, models, sessions); "
               "run mergestudio without arguments to open the app.", file=sys.stderr)
         return 2
     try:
@@ -225,6 +245,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _merge(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "models":
+            from core.library_cli import run as run_models
+
+            return run_models(args)
+        if args.command == "sessions":
+            from core.sessions.cli import run as run_sessions
+
+            return run_sessions(args)
         if args.command == "tokens":
             return _tokens_bench(args)
         return _methods(args)
@@ -261,6 +289,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if args.progress_jsonl:
+        from core.merge.child import serve_jsonl  # the protocol of core.merge.child.ChildMerge
+
+        return serve_jsonl(args)
+
     import core.merge as merge
     from core.jobs import TerminalProgress
 
@@ -275,6 +308,8 @@ def _merge(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
             on_progress=progress,
+            model_card=not args.no_card,
+            tensor_delay_s=args.tensor_delay,
         )
     finally:
         if progress is not None:

@@ -107,9 +107,21 @@ def write_index(folder: Path, shards: list[Shard], stem: str = "model", metadata
 
 
 def _disk_error(path: Path, exc: OSError) -> MergeStudioError:
+    """One sentence naming the output folder (not the hidden temporary one) and the file that failed."""
+    path = Path(path)
+    target, inside = path, ""
+    for folder in [path, *path.parents]:
+        name = folder.name
+        if name.startswith(".") and ".partial-" in name:
+            target = folder.parent / name[1:].split(".partial-")[0]
+            inside = str(path.relative_to(folder)) if path != folder else ""
+            break
+    what = f" {inside}" if inside else ""
     if exc.errno == errno.ENOSPC:
-        return MergeStudioError(f"{path}: the disk is full; nothing was written to the output folder.")
-    return MergeStudioError(f"{path}: cannot write ({exc.strerror or exc}).")
+        return MergeStudioError(f"{target}: the disk is full while writing{what or ' the output'}; nothing was written to the output folder.")
+    if inside:
+        return MergeStudioError(f"{target}: cannot write{what} ({exc.strerror or exc}); nothing was written to the output folder.")
+    return MergeStudioError(f"{target}: cannot write ({exc.strerror or exc}).")
 
 
 class ShardedWriter:

@@ -44,12 +44,15 @@ def run(
     allow_pickle: bool = False,
     on_progress: Optional["ProgressCallback"] = None,
     cancel: Optional["CancelToken"] = None,
+    model_card: bool = True,
+    tensor_delay_s: float = 0.0,
 ) -> "MergeResult":
     """Merge ``recipe`` into the folder ``output`` and return a MergeResult.
 
     Runs every check first (nothing is read before they pass), streams tensor
     by tensor and writes atomically. ``cancel`` stops it between two tensors
-    (raising CancelledError) and leaves no output behind.
+    (raising CancelledError) and leaves no output behind. ``model_card=False``
+    skips README.md; ``tensor_delay_s`` sleeps after each tensor (demos, tests).
     """
     from core.io.writer import DEFAULT_SHARD_BYTES
     from core.jobs import drive
@@ -65,6 +68,8 @@ def run(
             seed=seed,
             shard_size=DEFAULT_SHARD_BYTES if shard_size is None else shard_size,
             overwrite=overwrite,
+            model_card=model_card,
+            tensor_delay_s=tensor_delay_s,
         )
         return drive(work, on_progress, cancel)
     finally:

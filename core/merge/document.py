@@ -22,7 +22,7 @@ from typing import Any, Optional
 from core.errors import RecipeError
 from core.events import Event
 from core.merge import methods as registry
-from core.merge.methods.base import BASE_IGNORED, GLOBAL, NON_BASE, MergeMethod, Parameter
+from core.merge.methods.base import BASE_IGNORED, BASE_REQUIRED, GLOBAL, NON_BASE, MergeMethod, Parameter
 from core.merge.recipe import ModelEntry, Recipe, Setting, load_recipe
 
 SLOT_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -107,7 +107,9 @@ class RecipeDocument:
 
     def remove_slot(self, index: int) -> None:
         self._require_editable()
-        del self.slots[index]
+        self._check_slot(index)
+        removed = self.slots.pop(index)
+        self._stash = {k: v for k, v in self._stash.items() if k[0] != removed.ref}
         if self.base_index == index:
             self.base_index = None
         elif self.base_index is not None and self.base_index > index:
@@ -117,6 +119,7 @@ class RecipeDocument:
 
     def move_slot(self, index: int, to: int) -> None:
         self._require_editable()
+        self._check_slot(index)
         to = max(0, min(len(self.slots) - 1, to))
         if to == index:
             return
@@ -129,8 +132,8 @@ class RecipeDocument:
     def set_base(self, index: Optional[int]) -> None:
         """Make slot ``index`` the base model (None: no base)."""
         self._require_editable()
-        if index is not None and not 0 <= index < len(self.slots):
-            raise RecipeError(f"There is no model slot {index}.")
+        if index is not None:
+            self._check_slot(index)
         self.base_index = index
         self._drop_base_only_params()
         self._fill_required()
@@ -167,9 +170,15 @@ class RecipeDocument:
         if (param.scope == GLOBAL) != (slot is None):
             where = "the recipe" if param.scope == GLOBAL else "each model"
             raise RecipeError(f"Parameter '{name}' of {self.method_name} is set for {where}.")
+        if slot is not None:
+            self._check_slot(slot)
+            if value is not None and param not in self.slot_parameters(slot):  # removing one is always fine
+                raise RecipeError(f"Parameter '{name}' of {self.method_name} is not set for the base model.")
         target = self.params if slot is None else self.slots[slot].params
         if value is None:
             target.pop(name, None)
+            # A setting removed on purpose is not brought back by a later method switch.
+            self._stash.pop(("" if slot is None else self.slots[slot].ref, name), None)
         else:
             target[name] = copy.deepcopy(value)
         self.events.changed.emit("params")
@@ -195,9 +204,10 @@ class RecipeDocument:
         self.events.changed.emit("export")
 
     def set_export(self, **values: Any) -> None:
-        for key, value in values.items():
+        for key in values:  # check every name first: an unknown one changes nothing
             if not hasattr(self.export, key):
                 raise RecipeError(f"'{key}' is not an export setting.")
+        for key, value in values.items():
             setattr(self.export, key, value)
         self.events.changed.emit("export")
 
@@ -247,6 +257,7 @@ class RecipeDocument:
             for k in ("dtype", "tokenizer_source", "tokenizer", "chat_template")
             if getattr(recipe, k) is not None
         }
+        self._stash = {}
         if recipe.slices is not None:
             self._slices_recipe = copy.deepcopy(recipe)
             self.method_name = recipe.merge_method
@@ -256,7 +267,6 @@ class RecipeDocument:
             self.events.changed.emit("all")
             return
         self._slices_recipe = None
-        self._stash = {}
         self.method_name = recipe.merge_method
         self.params = copy.deepcopy(recipe.parameters)
         self.slots = [
@@ -268,7 +278,8 @@ class RecipeDocument:
             refs = [s.ref for s in self.slots]
             if recipe.base_model not in refs:
                 # mergekit merges an unlisted base as one more input: list it, so the slots show every input.
-                self.slots.append(ModelSlot(recipe.base_model, names.get(recipe.base_model, Path(recipe.base_model).name)))
+                base_name = names.get(recipe.base_model, Path(recipe.base_model).name or recipe.base_model)
+                self.slots.append(ModelSlot(recipe.base_model, base_name))
                 refs.append(recipe.base_model)
             self.base_index = refs.index(recipe.base_model)
         self.events.changed.emit("all")
@@ -281,6 +292,7 @@ class RecipeDocument:
         self.out_dtype = None
         self._extra = {}
         self._slices_recipe = None
+        self._stash = {}
         self.source_path = None
         self.events.changed.emit("all")
 
@@ -298,9 +310,14 @@ class RecipeDocument:
         export = ExportSettings(**{k: v for k, v in (state.get("export") or {}).items() if hasattr(ExportSettings, k)})
         source = Path(state["source_path"]) if state.get("source_path") else None
         text = state.get("yaml") or ""
+        recipe = None
+        if text.strip():  # parse first: a recipe that fails leaves the document as it was
+            recipe = load_recipe(source if source is not None else Path("recipe.yaml"), text=text)
+            recipe.source_path = source
+            registry.get(recipe.merge_method)
         self.export = export
-        if text.strip():
-            self.load_yaml(text, source_path=source, names=state.get("names") or {})
+        if recipe is not None:
+            self.load_recipe(recipe, names=state.get("names") or {})
         else:
             self.clear()
         self.events.changed.emit("export")
@@ -314,7 +331,12 @@ class RecipeDocument:
 
     # -- helpers ----------------------------------------------------------------
     def _wants_base(self) -> bool:
-        return self.method.base != BASE_IGNORED
+        """Only methods that need a base get one picked for them (an optional base is the user's choice)."""
+        return self.method.base == BASE_REQUIRED
+
+    def _check_slot(self, index: int) -> None:
+        if not 0 <= index < len(self.slots):
+            raise RecipeError(f"There is no model slot {index}.")
 
     def _require_editable(self) -> None:
         if not self.editable:
@@ -341,8 +363,10 @@ class RecipeDocument:
 
 
 def _start_value(p: Parameter) -> Any:
-    if p.name in _REQUIRED_START:
-        return _REQUIRED_START[p.name]
+    start = _REQUIRED_START.get(p.name)
+    # nearswap's t shares slerp's name but lives in (0, 0.01): a start outside the span would mislead.
+    if start is not None and (p.slider is None or p.slider[0] <= start <= p.slider[1]):
+        return start
     if p.slider is not None:
         return p.slider[0] + (p.slider[1] - p.slider[0]) / 2
     if p.minimum is not None and p.maximum is not None:

@@ -101,14 +101,21 @@ def iter_merge(
     seed: int = 0,
     shard_size: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    model_card: bool = True,
+    tensor_delay_s: float = 0.0,
 ) -> Generator[Progress, None, MergeResult]:
     """Run ``plan`` into ``output``, yielding Progress after each tensor.
 
     Close the generator to cancel: the partial output is removed and an
-    existing output is left untouched.
+    existing output is left untouched. ``model_card=False`` skips README.md
+    (the recipe stays in mergekit_config.yml and the shard metadata).
+    ``tensor_delay_s`` sleeps that long after each tensor: a knob for demos
+    and for exercising progress and cancel on tiny models.
     """
     if shard_size <= 0:
         raise MergeStudioError(f"--shard-size must be positive, got {shard_size}.")
+    if not (0 <= tensor_delay_s < float("inf")):
+        raise MergeStudioError(f"--tensor-delay must be a finite number of seconds >= 0, got {tensor_delay_s}.")
     output = Path(output)
     atomic = AtomicOutput(output, overwrite)
     atomic.check()
@@ -143,6 +150,8 @@ def iter_merge(
                 pending_write = writer.submit(comp.writer.write, _inner(op.out_name, plan), result)  # type: ignore[union-attr]
                 del result
                 done_bytes += op.out_bytes
+                if tensor_delay_s:
+                    time.sleep(tensor_delay_s)
                 yield Progress(i + 1, len(ops), done_bytes, total_bytes, time.monotonic() - started, op.out_name)
             if pending_write is not None:
                 pending_write.result()
@@ -153,6 +162,8 @@ def iter_merge(
                 write_index(comp.folder, comp.writer.shards, comp.stem)
                 files.extend(str((comp.folder / s.file_name).relative_to(tmp)) for s in comp.writer.shards)
             _write_extras(plan, tmp)
+            if model_card:
+                _write_card(plan, tmp)
         except OSError as exc:  # a write failed (disk full, quota, permissions): one sentence, not a traceback
             raise _disk_error(atomic.target, exc) from None
         finally:
@@ -304,9 +315,7 @@ def _refuse_nonfinite(plan: MergePlan, op: TensorOp, tensors: list["torch.Tensor
 
 
 def _write_extras(plan: MergePlan, folder: Path) -> None:
-    """config.json, generation config, tokenizer, recipe YAML and model card."""
-    from core.merge.card import model_card
-
+    """config.json, generation config, tokenizer and recipe YAML (the model card: _write_card)."""
     recipe_yaml = plan.recipe.to_yaml()
     config_src = plan.models[plan.config_model or 0].source
     if config_src.kind == "diffusers":
@@ -325,6 +334,12 @@ def _write_extras(plan: MergePlan, folder: Path) -> None:
                         shutil.copy2(tok_src / name, folder / name)
         _apply_chat_template(plan, folder)
     (folder / "mergekit_config.yml").write_text(recipe_yaml)
+
+
+def _write_card(plan: MergePlan, folder: Path) -> None:
+    """README.md: the model card (method with paper link, models, recipe)."""
+    from core.merge.card import model_card
+
     (folder / "README.md").write_text(model_card(plan))
 
 

@@ -137,9 +137,16 @@ def _task_vectors(doc: "RecipeDocument") -> str:
 
 def _generic(doc: "RecipeDocument") -> str:
     names = [doc.display(i) for i in range(len(doc.slots))]
-    params = [f"{p.name} = {value_text(doc.param_value(p.name))}" for p in doc.method.global_parameters]
+    params = [f"{p.name} = {_param_text(p, doc.param_value(p.name))}" for p in doc.method.global_parameters]
     inside = ", ".join(names + params)
     return f"{doc.method.display_name}({inside})"
+
+
+def _param_text(param: Any, setting: Any) -> str:
+    """An integer parameter (karcher's max_iter) reads as an integer, not '10.00'."""
+    if param.kind is int and isinstance(setting, int) and not isinstance(setting, bool):
+        return str(setting)
+    return value_text(setting)
 
 
 def _pct(x: float) -> str:

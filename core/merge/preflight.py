@@ -8,6 +8,7 @@ when the merge would not fit in the free memory or on the disk.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +73,26 @@ def _check_output_folder(output: Path, overwrite: bool) -> None:
 
 
 def _refs_named(recipe: Recipe, message: str) -> list[str]:
+    """The refs the message names: the ref itself, or a path ending in its folder name.
+
+    A name must stand whole ('mistral-7b' is not named by '/x/mistral-7b-instruct'),
+    so a sentence about one model never marks another whose name it merely contains.
+    """
     named = []
     for ref in recipe.model_refs():
-        if f"'{ref}'" in message or ref in message or (Path(ref).name and f"/{Path(ref).name}" in message):
+        name = Path(ref).name
+        if _mentions(message, ref) or (name and _mentions(message, "/" + name)):
             named.append(ref)
     return named
+
+
+def _mentions(message: str, text: str) -> bool:
+    """``text`` occurs in ``message`` not glued to more name characters (a final '.' ends a sentence).
+
+    Text starting with '/' may end a longer path; other text must start a word.
+    """
+    before = "" if text.startswith("/") else r"(?<![\w.\-])"
+    return re.search(before + re.escape(text) + r"(?![\w\-]|\.[\w\-])", message) is not None
 
 
 def _resource_warnings(summary: dict[str, Any], output: Optional[Path]) -> list[str]:

@@ -1,0 +1,37 @@
+"""Sessions kept in SQLite: models used, recipe versions, merge runs, notes, workspace state.
+
+``SessionStore.open()`` opens (creating or upgrading) ``core.paths.home() /
+"sessions.db"``; see :mod:`core.sessions.store`. Importing this package is cheap:
+SQLAlchemy and Alembic load only when a store is opened.
+"""
+
+from core.sessions.records import (
+    FINISHED_STATUSES,
+    INTERRUPTED_ERROR,
+    RUN_STATUSES,
+    ModelRecord,
+    NoteRecord,
+    RecipeVersion,
+    RunRecord,
+    SessionInfo,
+    StoreCorrupt,
+    StoreError,
+    StoreLocked,
+)
+from core.sessions.store import SessionStore, default_path
+
+__all__ = [
+    "FINISHED_STATUSES",
+    "INTERRUPTED_ERROR",
+    "RUN_STATUSES",
+    "ModelRecord",
+    "NoteRecord",
+    "RecipeVersion",
+    "RunRecord",
+    "SessionInfo",
+    "SessionStore",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreLocked",
+    "default_path",
+]

@@ -198,6 +198,7 @@ class LibraryPanel(QWidget):
         layout.addWidget(self.status_label)
 
         library.events.models_changed.connect(self._refilter)
+        library.events.models_changed.connect(self._count_changed)
         library.events.problems_changed.connect(self._show_problems)
         self._refilter()
 
@@ -270,8 +271,16 @@ class LibraryPanel(QWidget):
     def _refilter(self, *args: Any) -> None:
         rows = self.library.filter(self.filter_edit.text())
         self.table_model.set_rows(rows)
+        self.table.resizeColumnToContents(0)
         nothing = not self.library.models
         self.stack.setCurrentIndex(1 if nothing else 0)
+
+    def _count_changed(self, *args: Any) -> None:
+        if self._scan_worker is None or not self._scan_worker.is_running():
+            text = self.status_label.text()
+            if text.endswith(" models.") or " models; " in text or not text:
+                rest = text.split(" models", 1)[1] if " models" in text else "."
+                self.status_label.setText(f"{len(self.library.models)} models{rest}")
 
     def _show_problems(self, *args: Any) -> None:
         self.problems.clear()

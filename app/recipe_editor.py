@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.format import size_text
 from app.param_panel import ParameterPanel, value_span
 from app.slots_table import ModelSlotsTable
 from app.workers import GeneratorWorker
@@ -85,6 +86,7 @@ class RecipeEditor(QWidget):
         # -- slots ---------------------------------------------------------------------
         self.slots_table = ModelSlotsTable(doc, lambda ref: getattr(self.describe(ref), "architecture", None))
         self.slots_table.modelsDropped.connect(self.add_models)
+        self.slots_table.setMinimumHeight(90)
         self.remove_button = QPushButton("Remove")
         self.up_button = QPushButton("Up")
         self.down_button = QPushButton("Down")
@@ -102,15 +104,20 @@ class RecipeEditor(QWidget):
         self.params = ParameterPanel(doc)
         self.params.curveRequested.connect(self._curve_requested)
 
-        left = QWidget()
-        left_layout = QVBoxLayout(left)
-        left_layout.setContentsMargins(0, 0, 0, 0)
+        slots_box = QWidget()
+        slots_layout = QVBoxLayout(slots_box)
+        slots_layout.setContentsMargins(0, 0, 0, 0)
         models_label = QLabel("Models (drag from the library)")
         models_label.setObjectName("muted")
-        left_layout.addWidget(models_label)
-        left_layout.addWidget(self.slots_table, 2)
-        left_layout.addLayout(slot_buttons)
-        left_layout.addWidget(self.params, 3)
+        slots_layout.addWidget(models_label)
+        slots_layout.addWidget(self.slots_table, 1)
+        slots_layout.addLayout(slot_buttons)
+        left = QSplitter(Qt.Orientation.Vertical)
+        left.addWidget(slots_box)
+        left.addWidget(self.params)
+        left.setStretchFactor(0, 1)
+        left.setStretchFactor(1, 3)
+        left.setSizes([170, 480])
 
         # -- right: curve, YAML, plan --------------------------------------------------
         self.side_tabs = QTabWidget()
@@ -152,8 +159,10 @@ class RecipeEditor(QWidget):
         splitter = QSplitter()
         splitter.addWidget(left)
         splitter.addWidget(self.side_tabs)
-        splitter.setStretchFactor(0, 1)
-        splitter.setStretchFactor(1, 1)
+        splitter.setStretchFactor(0, 5)
+        splitter.setStretchFactor(1, 4)
+        splitter.setSizes([560, 440])
+        self.splitter = splitter
 
         # -- preflight and export ---------------------------------------------------------
         self.preflight_label = QLabel("Add models to check a recipe.")
@@ -448,15 +457,13 @@ class RecipeEditor(QWidget):
         else:
             s = report.summary
             self.preflight_label.setText(
-                f"Ready: {s['tensors']} tensors, {s['output_layers']} layers, output {s['output_bytes'] / 1e9:.3f} GB."
+                f"Ready: {s['tensors']} tensors, {s['output_layers']} layers, output {size_text(s['output_bytes'])}."
                 + "".join(f"  Warning: {w}" for w in report.warnings)
             )
             self.preflight_label.setObjectName("problem" if report.warnings else "ok")
             free_disk = s.get("free_disk_bytes")
-            disk = f"; free disk {free_disk / 1e9:.1f} GB" if free_disk is not None else ""
-            self.estimate_label.setText(
-                f"Estimated peak memory {s['peak_memory_bytes'] / 1e9:.2f} GB (merge process){disk}."
-            )
+            disk = f"; free disk {size_text(free_disk)}" if free_disk is not None else ""
+            self.estimate_label.setText(f"Estimated peak memory {size_text(s['peak_memory_bytes'])} (merge process){disk}.")
             self.plan_view.setPlainText(report.text)
             self.slots_table.set_problem_refs(set())
             self._filters = report.filters

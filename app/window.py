@@ -148,8 +148,7 @@ class MainWindow(QMainWindow):
         self.jobs_dock.setObjectName("JobsDock")
         self.jobs_dock.setWidget(self.jobs)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
-        self.resizeDocks([self.library_dock], [420], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.jobs_dock], [170], Qt.Orientation.Vertical)
+        self._docks_sized = False
 
         # -- status bar -------------------------------------------------------------------
         self.session_label = QLabel("Session: opening…")
@@ -485,6 +484,7 @@ class MainWindow(QMainWindow):
     def _job_ended(self, job: Any) -> None:
         if not isinstance(job, MergeJob):
             return
+        self.statusBar().clearMessage()
         run_id = job.request.run_id
         peak = job.peak_rss_bytes
         if job.status == "succeeded":
@@ -522,12 +522,12 @@ class MainWindow(QMainWindow):
 
     # -- demo models ---------------------------------------------------------------------------
     def create_demo_models(self) -> Optional[FunctionJob]:
-        from core.demo import default_demo_dir, iter_make_demo_family
+        from core.demo import default_demo_dir, iter_make_demo_family_in_child
 
         if any(j.running and j.title == "Create demo models" for j in self.jobs.jobs):
             return None
         root = default_demo_dir()
-        job = FunctionJob("Create demo models", iter_make_demo_family, root)
+        job = FunctionJob("Create demo models", iter_make_demo_family_in_child, root)
         job.ended.connect(lambda j: self._demo_done(j, root))
         self.jobs.add(job)
         self.jobs_dock.show()
@@ -557,6 +557,13 @@ class MainWindow(QMainWindow):
             self.notify("Demo models ready: a TIES recipe of the two variants over the base is set up. Press Merge to try it.")
 
     # -- settings and closing ------------------------------------------------------------------
+    def showEvent(self, event) -> None:  # noqa: N802
+        super().showEvent(event)
+        if not self._docks_sized:  # first show without a remembered layout: sensible dock sizes
+            self._docks_sized = True
+            self.resizeDocks([self.library_dock], [max(380, self.width() // 3)], Qt.Orientation.Horizontal)
+            self.resizeDocks([self.jobs_dock], [140], Qt.Orientation.Vertical)
+
     def _restore_settings(self) -> None:
         s = app_settings.settings()
         geometry = s.value("window/geometry")
@@ -564,7 +571,7 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         if state is not None:
-            self.restoreState(state)
+            self._docks_sized = self.restoreState(state)
         theme = s.value("ui/theme") or "dark"
         if theme in self.theme_actions:
             self.theme_actions[theme].setChecked(True)

@@ -118,6 +118,45 @@ def iter_make_demo_family(root: Optional[Path] = None) -> Generator[Progress, No
     return targets
 
 
+def iter_make_demo_family_in_child(root: Optional[Path] = None) -> Generator[Progress, None, list[Path]]:
+    """Build the demo family in a child process (``mergestudio models demo --json``).
+
+    The app uses this so that its own process never loads torch (the window
+    stays light and its GUI thread is never held by a torch import).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(root).expanduser().absolute() if root is not None else default_demo_dir()
+    targets = [root / name for name in DEMO_NAMES]
+    if all(_is_complete(t) for t in targets):
+        yield Progress(len(targets), len(targets), message="reused the demo family")
+        return targets
+    yield Progress(0, 1, message="building a tiny base model and two fine-tune-like variants…")
+    if getattr(sys, "frozen", False):
+        command = [sys.executable, "models", "demo", str(root), "--json"]
+    else:
+        command = [sys.executable, "-m", "core.cli", "models", "demo", str(root), "--json"]
+    project = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise MergeStudioError(f"Cannot start the process that builds the demo models ({exc.strerror or exc}).") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        detail = lines[-1].removeprefix("mergestudio: error: ") if lines else f"exit status {proc.returncode}"
+        raise MergeStudioError(f"The demo models were not built: {detail}")
+    try:
+        paths = [Path(p) for p in json.loads(proc.stdout)["models"]]
+    except (ValueError, KeyError, TypeError):
+        raise MergeStudioError("The demo builder's output could not be read.") from None
+    yield Progress(1, 1, message="built the demo family")
+    return paths
+
+
 # ----------------------------------------------------------------------------- checking
 
 

@@ -131,9 +131,12 @@ class MergeJob(Job):
         self._run_worker(self.child.run)
 
     def stop(self) -> None:
+        # Only the merge process knows whether it stopped in time or had already written the output,
+        # so the worker is not cut off here: the child's own answer (cancelled, or its result) ends the job.
         if self.child is not None:
             self.child.cancel()  # the child stops between two tensors, even with no progress due
-        super().stop()
+        else:
+            super().stop()
 
     @property
     def peak_rss_bytes(self) -> Optional[int]:

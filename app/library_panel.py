@@ -120,6 +120,7 @@ class LibraryPanel(QWidget):
         self.scans = 0  # finished scans (tests wait on it)
         self._scan_worker: Optional[GeneratorWorker] = None
         self._rescan_pending = False
+        self._stopped = False  # the window is closing: no scan starts any more
 
         self.filter_edit = QLineEdit()
         self.filter_edit.setPlaceholderText("Filter: name, architecture, dtype, method…")
@@ -223,6 +224,8 @@ class LibraryPanel(QWidget):
 
     def scan(self, roots: Optional[list[Path]] = None, *, hf_cache: bool = True) -> None:
         """Scan ``roots`` (default: every library folder and the HF cache) in a worker."""
+        if self._stopped:
+            return
         if self._scan_worker is not None and self._scan_worker.is_running():
             self._rescan_pending = True  # one more full scan when this one ends
             return
@@ -264,6 +267,9 @@ class LibraryPanel(QWidget):
             self.scan()
 
     def stop(self) -> None:
+        """Stop the scan for good (the window is closing): no pending rescan starts after it."""
+        self._stopped = True
+        self._rescan_pending = False
         if self._scan_worker is not None:
             self._scan_worker.quit()
 

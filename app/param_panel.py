@@ -9,6 +9,7 @@ per-layer curve ("Per layer"), edited in the curve editor.
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any, Optional
 
@@ -76,6 +77,7 @@ class ParameterRow(QWidget):
 
     edited = Signal(object)
     curveToggled = Signal(bool)
+    curveShown = Signal()  # the per-layer label was clicked: show this curve as it is
 
     def __init__(self, param: Parameter, setting: Any, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
@@ -126,6 +128,9 @@ class ParameterRow(QWidget):
             self.spin.valueChanged.connect(self._spin_edited)
             self.curve_label = QLabel()
             self.curve_label.setObjectName("muted")
+            self.curve_label.setTextFormat(Qt.TextFormat.RichText)
+            self.curve_label.setToolTip("Edit this curve in the curve editor")
+            self.curve_label.linkActivated.connect(lambda _link: self.curveShown.emit())
             self.curve_button = QToolButton()
             self.curve_button.setText("Per layer")
             self.curve_button.setCheckable(True)
@@ -157,7 +162,8 @@ class ParameterRow(QWidget):
                 self.spin.setVisible(not per_layer)
                 self.curve_label.setVisible(per_layer)  # type: ignore[union-attr]
                 if per_layer:
-                    self.curve_label.setText(f"per layer: {value_text(setting)}")  # type: ignore[union-attr]
+                    text = html.escape(f"per layer: {value_text(setting)}")
+                    self.curve_label.setText(f'<a href="curve">{text}</a>')  # type: ignore[union-attr]
                 elif is_scalar:
                     self.spin.setValue(setting)
                     self._place_slider(float(setting))
@@ -292,6 +298,7 @@ class ParameterPanel(QScrollArea):
             row = ParameterRow(param, self.doc.param_value(param.name, slot))
             row.edited.connect(lambda value, n=param.name, s=slot: self._edited(n, s, value))
             row.curveToggled.connect(lambda on, n=param.name, s=slot: self._curve_toggled(n, s, on))
+            row.curveShown.connect(lambda n=param.name, s=slot: self.curveRequested.emit(n, s))
             label = QLabel(param.name + (" *" if param.required else ""))
             label.setToolTip(row.toolTip())
             form.addRow(label, row)

@@ -39,7 +39,7 @@ from app.workers import GeneratorWorker
 from core.errors import MergeStudioError
 from core.merge.document import RecipeDocument
 from core.merge.methods import all_methods
-from core.merge.methods.base import BASE_IGNORED, BASE_OPTIONAL, BASE_REQUIRED
+from core.merge.methods.base import BASE_IGNORED, BASE_OPTIONAL, BASE_REQUIRED, GLOBAL
 
 PREFLIGHT_DELAY_MS = 300
 YAML_DELAY_MS = 600
@@ -64,6 +64,7 @@ class RecipeEditor(QWidget):
         self._curve_target: Optional[tuple[str, Optional[int]]] = None
         self._filters: tuple[tuple[str, ...], tuple[str, ...]] = (("self_attn",), ("mlp",))
         self._yaml_updating = False
+        self._yaml_dirty = False  # the YAML view holds edits not (yet, or not validly) applied to the recipe
         self._curve_editing = False  # a change that came from the curve editor: don't reset it mid-drag
         self.curve_editor: Any = None
 
@@ -254,6 +255,8 @@ class RecipeEditor(QWidget):
                 self.problem.emit(str(exc))
 
     def schedule_preflight(self) -> None:
+        """Check the recipe again soon; until then the last result is stale, so Merge waits for it."""
+        self.merge_button.setEnabled(False)
         self._preflight_timer.start()
 
     def run_preflight(self) -> None:
@@ -283,9 +286,18 @@ class RecipeEditor(QWidget):
         self._preflight_worker = worker
         worker.start()
 
+    def stop_checks(self) -> None:
+        """Start no more checks (the window is closing)."""
+        self._preflight_timer.stop()
+        self._yaml_timer.stop()
+
     def preflight_idle(self) -> bool:
         """True when the shown preflight result belongs to the current recipe (nothing pending)."""
-        return not self._preflight_timer.isActive() and self._shown_seq == self._preflight_seq
+        return (
+            not self._preflight_timer.isActive()
+            and not self._yaml_timer.isActive()
+            and self._shown_seq == self._preflight_seq
+        )
 
     def select_curve(self, name: str, slot: Optional[int]) -> None:
         """Show the curve of parameter ``name`` (of model ``slot``, or global) in the curve editor."""
@@ -307,7 +319,6 @@ class RecipeEditor(QWidget):
         if what != "yaml":
             self._show_yaml()
         self._refresh_curve()
-        self.merge_button.setEnabled(False)
         self.schedule_preflight()
 
     def _show_method_info(self) -> None:
@@ -345,6 +356,7 @@ class RecipeEditor(QWidget):
 
     def _show_yaml(self) -> None:
         text = self.doc.to_yaml()
+        self._yaml_dirty = False  # the view shows the recipe (again)
         if text == self.yaml_view.toPlainText():
             return
         self._yaml_updating = True
@@ -381,6 +393,8 @@ class RecipeEditor(QWidget):
 
     def _yaml_typed(self) -> None:
         if not self._yaml_updating:
+            self._yaml_dirty = True
+            self.merge_button.setEnabled(False)  # Merge would merge the recipe before this edit
             self._yaml_timer.start()
 
     def apply_yaml(self) -> None:
@@ -388,6 +402,8 @@ class RecipeEditor(QWidget):
         self._yaml_timer.stop()
         text = self.yaml_view.toPlainText()
         if text == self.doc.to_yaml():
+            self._yaml_dirty = False
+            self._update_merge_button()
             return
         if not text.strip():
             self.yaml_status.setText("The YAML is empty; the editor keeps the last recipe.")
@@ -406,6 +422,7 @@ class RecipeEditor(QWidget):
             self.yaml_status.setObjectName("problem")
             self._restyle(self.yaml_status)
             return
+        self._yaml_dirty = False
         self.yaml_status.setText("Applied.")
         self.yaml_status.setObjectName("ok")
         self._restyle(self.yaml_status)
@@ -468,10 +485,22 @@ class RecipeEditor(QWidget):
             self.slots_table.set_problem_refs(set())
             self._filters = report.filters
         self._restyle(self.preflight_label)
-        needs_output = bool(self.doc.export.output.strip())
-        self.merge_button.setEnabled(bool(report is not None and report.ok and needs_output))
-        self.merge_button.setToolTip("" if needs_output else "Choose an output folder first")
+        self._update_merge_button()
         self._refresh_curve()
+
+    def _update_merge_button(self) -> None:
+        """Merge only a checked recipe with an output folder, and only the recipe the YAML view shows."""
+        report = self.last_report
+        needs_output = bool(self.doc.export.output.strip())
+        yaml_applied = not self._yaml_dirty
+        ready = report is not None and report.ok and self.preflight_idle()
+        self.merge_button.setEnabled(bool(ready and needs_output and yaml_applied))
+        if not needs_output:
+            self.merge_button.setToolTip("Choose an output folder first")
+        elif not yaml_applied:
+            self.merge_button.setToolTip("The YAML view has changes that are not applied to the recipe")
+        else:
+            self.merge_button.setToolTip("")
 
     def _preflight_returned(self, report: Any) -> None:
         self._show_report(int(self.sender().property("seq")), report)
@@ -518,16 +547,21 @@ class RecipeEditor(QWidget):
         return self.curve_editor
 
     def _refresh_curve(self) -> None:
-        if self._curve_editing:
-            return
+        if self._curve_editing or (self.curve_editor is not None and self.curve_editor.dragging):
+            return  # the editor shows the change being made; resetting it would end the drag
         target = self._curve_target
         if target is None or not self.doc.editable:
             self.curve_stack.setCurrentIndex(0)
             return
         name, slot = target
         param = self.doc.method.parameter(name)
-        valid_slot = slot is None or slot < len(self.doc.slots)
-        if param is None or not valid_slot:
+        if param is None:
+            valid = False
+        elif slot is None:
+            valid = param.scope == GLOBAL
+        else:  # a model's parameter, and one this model takes (the base takes no 'non-base' ones)
+            valid = slot < len(self.doc.slots) and param in self.doc.slot_parameters(slot)
+        if not valid:
             self._curve_target = None
             self.curve_stack.setCurrentIndex(0)
             return

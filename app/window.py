@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -38,11 +38,13 @@ from app.library_panel import LibraryPanel
 from app.recipe_editor import RecipeEditor
 from app.session_controller import SessionController
 from app.theme import THEMES, apply_theme, current_theme
+from app.workers import stop_workers
 from core import paths
 from core.errors import MergeStudioError
 from core.merge.document import RecipeDocument
 
 MERGE_OUTPUTS = "Merge outputs"
+CLOSE_GRACE_MS = 15000  # how long closing waits for running work to stop (then merge processes are killed)
 
 
 class NoticeBar(QFrame):
@@ -393,13 +395,18 @@ class MainWindow(QMainWindow):
             self.save_recipe(Path(path))
 
     def save_recipe(self, path: Path) -> bool:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
         try:
             text = self.doc.to_yaml()
-            tmp = Path(path).with_name(f".{Path(path).name}.tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(path)
         except (OSError, MergeStudioError) as exc:
-            self.notify(f"{path}: the recipe was not saved ({exc}).")
+            try:
+                tmp.unlink(missing_ok=True)  # nothing half-written is left beside the target
+            except OSError:
+                pass
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+            self.notify(f"{path}: the recipe was not saved ({reason.rstrip('.')}).")
             return False
         return True
 
@@ -425,9 +432,10 @@ class MainWindow(QMainWindow):
     def start_merge(self) -> Optional[MergeJob]:
         """Merge the current recipe in a child process; the run is recorded in the session."""
         from core.cli import parse_size
+        from core.merge.child import absolute_refs
 
         report = self.editor.last_report
-        if report is None or not report.ok:
+        if report is None or not report.ok or not self.editor.preflight_idle():
             self.notify("Check the recipe first: the preflight has not passed.")
             return None
         export = self.doc.export
@@ -444,7 +452,7 @@ class MainWindow(QMainWindow):
         if any(j.running and getattr(j, "request", None) and j.request.output == output for j in self.jobs.jobs):
             self.notify(f"A merge into {output} is already running.")
             return None
-        recipe_yaml = recipe.to_yaml()
+        recipe_yaml = absolute_refs(recipe).to_yaml()  # a snapshot that replays from History wherever it came from
         facts = {ref: dict(f, name=self._display_name(ref)) for ref, f in report.models.items()}
         self.sessions.record_models(facts)
         settings = {
@@ -593,10 +601,19 @@ class MainWindow(QMainWindow):
                 return
         for job in running:
             job.stop()
-        for job in running:
-            if job.worker is not None:
-                job.worker.wait(15000)
         self.library_panel.stop()
+        # Each job's own answer first (a merge process may have written its output just before Stop)...
+        if not all(job.worker is None or job.worker.wait(CLOSE_GRACE_MS) for job in running):
+            for job in running:  # a merge process that did not stop in time is killed: it leaves nothing
+                kill = getattr(getattr(job, "child", None), "kill", None)
+                if kill is not None:
+                    kill()
+        # ...then every worker thread must end: one still running when the app exits aborts the process.
+        stop_workers(CLOSE_GRACE_MS)
+        for job in running:  # their last reports, so each run is recorded before the store closes
+            if job.worker is not None:
+                QCoreApplication.sendPostedEvents(job.worker)
+        self.editor.stop_checks()
         self.save_settings()
         self.sessions.close()
         super().closeEvent(event)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
@@ -166,3 +167,21 @@ class _Aborted(Exception):
 
 def running_workers() -> list[GeneratorWorker]:
     return list(_running)
+
+
+def stop_workers(timeout_ms: int) -> list[GeneratorWorker]:
+    """Ask every running worker to stop and wait for their threads (shutdown only); returns those still running.
+
+    A thread still running when the app exits aborts the whole process, so the
+    window calls this before it closes.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    workers = running_workers()
+    for worker in workers:
+        worker.quit()
+    left = []
+    for worker in workers:
+        remaining = max(0, int((deadline - time.monotonic()) * 1000))
+        if not worker.wait(remaining):
+            left.append(worker)
+    return left

@@ -196,6 +196,11 @@ class CurveEditor(QWidget):
         """The curves as currently edited."""
         return self._curves
 
+    @property
+    def dragging(self) -> bool:
+        """True while a handle is held with the mouse (``set_curves`` would end that drag)."""
+        return self._dragging
+
     def set_enabled_reason(self, text: Optional[str]) -> None:
         """Disable editing and say why (``text``), or enable it again (None)."""
         enabled = not text

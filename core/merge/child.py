@@ -223,6 +223,14 @@ def _absolute_refs(recipe: "Recipe") -> "Recipe":
     return fixed
 
 
+def absolute_refs(recipe: "Recipe") -> "Recipe":
+    """A copy of ``recipe`` that means the same from any folder: paths relative to its YAML file made absolute.
+
+    What the merge process is given, and what a session keeps as a run's recipe snapshot.
+    """
+    return _absolute_refs(recipe)
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name

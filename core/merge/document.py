@@ -67,7 +67,8 @@ class RecipeDocument:
         self.source_path: Optional[Path] = None  # the YAML file it came from, for relative model paths
         self._extra: dict[str, Any] = {}  # recipe fields the editor has no widget for (dtype, tokenizer_source, ...)
         self._slices_recipe: Optional[Recipe] = None  # a slices: recipe, kept verbatim
-        # Settings a method switch set aside, so switching back restores them: (slot ref or "", name) -> value.
+        # Settings a method switch or a base change set aside, so switching back restores them:
+        # (slot ref or "", name) -> value.
         self._stash: dict[tuple[str, str], Setting] = {}
 
     # -- what the editor can do ---------------------------------------------
@@ -136,6 +137,7 @@ class RecipeDocument:
             self._check_slot(index)
         self.base_index = index
         self._drop_base_only_params()
+        self._restore_stashed()  # a model that is no longer the base gets back what it had
         self._fill_required()
         self.events.changed.emit("slots")
 
@@ -343,12 +345,21 @@ class RecipeDocument:
             raise RecipeError("This recipe uses 'slices:' (layer stacking); edit it in the YAML view.")
 
     def _drop_base_only_params(self) -> None:
-        """The base model takes no per-model 'non-base' parameters (a TIES weight): remove them from it."""
+        """The base model takes no per-model 'non-base' parameters (a TIES weight): set them aside."""
         if self.base_index is None or self.method.base == BASE_IGNORED:
             return
         non_base = {p.name for p in self.method.model_parameters if p.scope == NON_BASE}
         slot = self.slots[self.base_index]
+        for key in non_base & set(slot.params):
+            self._stash[(slot.ref, key)] = slot.params[key]
         slot.params = {k: v for k, v in slot.params.items() if k not in non_base}
+
+    def _restore_stashed(self) -> None:
+        """Give each model back the settings set aside for it that it takes again."""
+        for i, slot in enumerate(self.slots):
+            for p in self.slot_parameters(i):
+                if p.name not in slot.params and (slot.ref, p.name) in self._stash:
+                    slot.params[p.name] = self._stash[(slot.ref, p.name)]
 
     def _fill_required(self) -> None:
         """Give required parameters a visible starting value so a new recipe is complete."""

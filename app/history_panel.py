@@ -48,6 +48,7 @@ class HistoryPanel(QWidget):
     """Runs (newest first), recipe versions and notes of the open session."""
 
     loadRecipe = Signal(str)  # recipe YAML
+    loadSettings = Signal(dict)  # a run's export settings (device, seed, shard size, model card), after loadRecipe
     addOutput = Signal(str)  # an output folder for the library
     problem = Signal(str)
 
@@ -58,6 +59,7 @@ class HistoryPanel(QWidget):
         self.runs: list[Any] = []
         self.versions: list[Any] = []
         self._selected_yaml = ""
+        self._selected_settings: dict = {}
         self._selected_output = ""
 
         self.runs_table = self._table(RUN_COLUMNS)
@@ -69,7 +71,7 @@ class HistoryPanel(QWidget):
         self.preview.setPlaceholderText("Select a run or a recipe version to see its recipe.")
         self.load_button = QPushButton("Load recipe into editor")
         self.load_button.setEnabled(False)
-        self.load_button.clicked.connect(lambda: self.loadRecipe.emit(self._selected_yaml))
+        self.load_button.clicked.connect(self._load_clicked)
         self.output_button = QPushButton("Add output to library")
         self.output_button.setEnabled(False)
         self.output_button.clicked.connect(lambda: self.addOutput.emit(self._selected_output))
@@ -179,7 +181,7 @@ class HistoryPanel(QWidget):
             return
         run = self.runs[next(iter(rows))]
         self.versions_table.clearSelection()
-        self._show(run.recipe_yaml, run.output_path if run.status == "succeeded" else "")
+        self._show(run.recipe_yaml, run.output_path if run.status == "succeeded" else "", run.settings or {})
 
     def _version_selected(self) -> None:
         rows = {i.row() for i in self.versions_table.selectedIndexes()}
@@ -189,7 +191,13 @@ class HistoryPanel(QWidget):
         self.runs_table.clearSelection()
         self._show(version.yaml, "")
 
-    def _show(self, text: str, output: str) -> None:
+    def _load_clicked(self) -> None:
+        self.loadRecipe.emit(self._selected_yaml)
+        if self._selected_settings:
+            self.loadSettings.emit(dict(self._selected_settings))
+
+    def _show(self, text: str, output: str, settings: Optional[dict] = None) -> None:
+        self._selected_settings = settings or {}
         self._selected_yaml = text or ""
         self._selected_output = output or ""
         self.preview.setPlainText(self._selected_yaml)

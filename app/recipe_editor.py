@@ -470,6 +470,7 @@ class RecipeEditor(QWidget):
             self.preflight_label.setObjectName("problem")
             self.estimate_label.setText("")
             self.plan_view.setPlainText(report.problem or "")
+            self._filters = report.filters
             self.slots_table.set_problem_refs(set(report.problem_refs))
         else:
             s = report.summary

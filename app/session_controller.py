@@ -41,6 +41,7 @@ class SessionController(QObject):
         self.persistent = False
         self._worker: Optional[GeneratorWorker] = None
         self._restoring = False
+        self._closed = False
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(AUTOSAVE_MS)
@@ -48,6 +49,8 @@ class SessionController(QObject):
 
     # -- opening ------------------------------------------------------------------
     def open_async(self, last_session_id: Optional[int] = None) -> None:
+        if self._closed:  # the window closed before its start-up work began
+            return
         self._last = last_session_id
         worker = GeneratorWorker(_open_store)
         worker.returned.connect(self._opened)
@@ -56,6 +59,9 @@ class SessionController(QObject):
         worker.start()
 
     def _opened(self, store: Any) -> None:
+        if self._closed:  # the window closed while the database was opening: release it at once
+            store.close()
+            return
         self.store = store
         self.persistent = True
         if getattr(store, "backup_path", None):
@@ -76,6 +82,8 @@ class SessionController(QObject):
     def _open_failed(self, text: str) -> None:
         from core.sessions import SessionStore
 
+        if self._closed:
+            return
         self.store = SessionStore.in_memory()
         self.persistent = False
         actions: list = []
@@ -255,6 +263,12 @@ class SessionController(QObject):
         self.historyChanged.emit()
 
     def close(self) -> None:
+        self._closed = True
+        if self._worker is not None and self._worker.is_running():
+            self._worker.wait(30000)  # the database is opening: let it finish so its lock is released
+            from PySide6.QtCore import QCoreApplication
+
+            QCoreApplication.sendPostedEvents(self._worker)
         self.save_now()
         if self.store is not None:
             self.store.close()

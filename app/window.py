@@ -38,12 +38,26 @@ from app.library_panel import LibraryPanel
 from app.recipe_editor import RecipeEditor
 from app.session_controller import SessionController
 from app.theme import THEMES, apply_theme, current_theme
-from app.workers import stop_workers
+from app.workers import GeneratorWorker, stop_workers
 from core import paths
 from core.errors import MergeStudioError
 from core.merge.document import RecipeDocument
 
 MERGE_OUTPUTS = "Merge outputs"
+
+
+def _describe_outputs(paths: list[Path]):
+    """Yield one ScanBatch per remembered merge output; one that no longer loads becomes a library problem."""
+    from core.io.catalog import describe_model
+    from core.jobs import Progress
+    from core.library import ScanBatch, ScanProblem
+
+    for i, path in enumerate(paths, 1):
+        try:
+            batch = ScanBatch(MERGE_OUTPUTS, [describe_model(path, source=MERGE_OUTPUTS)], [], Progress(i, len(paths)))
+        except MergeStudioError as exc:
+            batch = ScanBatch(MERGE_OUTPUTS, [], [ScanProblem(path, str(exc))], Progress(i, len(paths)))
+        yield batch
 CLOSE_GRACE_MS = 15000  # how long closing waits for running work to stop (then merge processes are killed)
 
 
@@ -120,6 +134,7 @@ class MainWindow(QMainWindow):
         self.editor.problem.connect(lambda text: self.notify(text))
         self.history = HistoryPanel()
         self.history.loadRecipe.connect(self.load_recipe_text)
+        self.history.loadSettings.connect(self._load_run_settings)
         self.history.addOutput.connect(self.add_output_to_library)
         self.history.problem.connect(lambda text: self.notify(text))
         self.workspace = QTabWidget()
@@ -173,6 +188,8 @@ class MainWindow(QMainWindow):
     # -- start-up ----------------------------------------------------------------------
     def start_background_work(self) -> None:
         """Open the sessions database and scan the library (both in workers)."""
+        if self.sessions._closed:  # closed before the event loop got here
+            return
         last = app_settings.settings().value("sessions/last")
         self.sessions.open_async(int(last) if last not in (None, "") else None)
         self._load_library_folders()
@@ -183,12 +200,12 @@ class MainWindow(QMainWindow):
                 self.library.add_folder(Path(folder))
             except MergeStudioError as exc:
                 self.notify(f"Library folder skipped: {exc}")
-        for path in app_settings.get_list("library/models"):
-            if Path(path).exists():
-                try:
-                    self.library.add_model(Path(path), source=MERGE_OUTPUTS)
-                except MergeStudioError:
-                    pass  # a remembered output that no longer loads: the scan problems list shows library folders only
+        outputs = [Path(p) for p in app_settings.get_list("library/models") if Path(p).exists()]
+        if outputs:  # earlier merge outputs: described (headers only) in a worker, like a scan
+            worker = GeneratorWorker(_describe_outputs, outputs)
+            worker.yielded.connect(self.library.apply)
+            self._outputs_worker = worker
+            worker.start()
         self.library_panel.scan()
 
     def _describe(self, ref: str) -> Any:
@@ -418,6 +435,12 @@ class MainWindow(QMainWindow):
             return
         self.workspace.setCurrentWidget(self.editor)
 
+    def _load_run_settings(self, settings: dict) -> None:
+        """Replay an earlier run: its device, seed, shard size and card (not its output folder, which now exists)."""
+        keep = {k: settings[k] for k in ("device", "seed", "shard_size", "model_card") if k in settings}
+        if keep:
+            self.doc.set_export(**keep)
+
     def _names(self) -> dict[str, str]:
         return {str(m.path): m.name for m in self.library.models}
 
@@ -448,7 +471,7 @@ class MainWindow(QMainWindow):
         except Exception:  # argparse.ArgumentTypeError from parse_size
             self.notify(f"Shard size '{export.shard_size}' is not a size (examples: 5GB, 500MB, 2GiB).")
             return None
-        output = Path(export.output).expanduser()
+        output = Path(export.output).expanduser().absolute()
         if any(j.running and getattr(j, "request", None) and j.request.output == output for j in self.jobs.jobs):
             self.notify(f"A merge into {output} is already running.")
             return None

@@ -288,6 +288,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def merge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``core.merge.run`` options of a ``merge`` command line (shared with ``--progress-jsonl``)."""
+    return {
+        "device": args.device,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "overwrite": args.overwrite,
+        "allow_pickle": args.allow_pickle,
+        "model_card": not args.no_card,
+        "tensor_delay_s": args.tensor_delay,
+    }
+
+
 def _merge(args: argparse.Namespace) -> int:
     if args.progress_jsonl:
         from core.merge.child import serve_jsonl  # the protocol of core.merge.child.ChildMerge
@@ -299,18 +312,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     progress = None if args.json else TerminalProgress(sys.stderr)
     try:
-        result = merge.run(
-            args.recipe,
-            args.output,
-            device=args.device,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle,
-            on_progress=progress,
-            model_card=not args.no_card,
-            tensor_delay_s=args.tensor_delay,
-        )
+        result = merge.run(args.recipe, args.output, on_progress=progress, **merge_options(args))
     finally:
         if progress is not None:
             progress.clear()  # an error or Ctrl-C: its one line replaces the unfinished bar

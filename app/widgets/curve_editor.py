@@ -9,6 +9,7 @@ curve maths lives in :mod:`core.merge.curves`; this widget only shows and edits.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import pyqtgraph as pg
@@ -44,14 +45,21 @@ class _Handles(pg.ScatterPlotItem):
             hoverable=True,
             hoverBrush=pg.mkBrush(colour),
         )
-        self._editor = editor
+        # A weak reference: the editor owns its handles, and a Python reference cycle through
+        # scene items would leave their teardown to the garbage collector at an arbitrary moment.
+        self._editor_ref = weakref.ref(editor)
         self.key = key
         self._index: Optional[int] = None
         self.setZValue(10)
         self.setCursor(Qt.CursorShape.SizeVerCursor)
 
+    @property
+    def _editor(self) -> Optional["CurveEditor"]:
+        return self._editor_ref()
+
     def mouseDragEvent(self, ev) -> None:  # noqa: N802 (Qt naming)
-        if ev.button() != Qt.MouseButton.LeftButton:
+        editor = self._editor
+        if editor is None or ev.button() != Qt.MouseButton.LeftButton:
             ev.ignore()
             return
         if ev.isStart():
@@ -60,15 +68,15 @@ class _Handles(pg.ScatterPlotItem):
                 ev.ignore()
                 return
             self._index = int(points[0].index())
-            self._editor._begin_drag()
+            editor._begin_drag()
         elif self._index is None:
             ev.ignore()
             return
         ev.accept()
-        self._editor.drag_point(self.key, self._index, float(ev.pos().y()))
+        editor.drag_point(self.key, self._index, float(ev.pos().y()))
         if ev.isFinish():
             self._index = None
-            self._editor._end_drag()
+            editor._end_drag()
 
 
 class CurveEditor(QWidget):

@@ -27,12 +27,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Generator, Optional, Union
 
 from core.errors import CancelledError, MergeStudioError
 from core.jobs import CancelToken, Progress
+from core.merge.executor import MergeResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
@@ -44,13 +45,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder that 
 
 
 @dataclass
-class ChildResult:
-    output: Path
-    tensors: int
-    bytes_written: int
-    seconds: float
-    device: str
-    files: list[str] = field(default_factory=list)
+class ChildResult(MergeResult):
+    """A MergeResult, plus the merge process's peak resident memory."""
+
     peak_rss_bytes: int = 0
 
 
@@ -148,19 +145,9 @@ def serve_jsonl(args: "argparse.Namespace") -> int:
     out = _JsonLines(sys.stdout, token)
     _watch_stdin(token)
     try:
-        result = merge.run(
-            args.recipe,
-            args.output,
-            device=args.device,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle,
-            on_progress=out.progress,
-            cancel=token,
-            model_card=not args.no_card,
-            tensor_delay_s=args.tensor_delay,
-        )
+        from core.cli import merge_options
+
+        result = merge.run(args.recipe, args.output, on_progress=out.progress, cancel=token, **merge_options(args))
     except KeyboardInterrupt:
         out.emit({"event": "error", "kind": "cancelled", "message": "Cancelled by the user; nothing was written."})
         raise

@@ -42,7 +42,7 @@ def preflight(
         plan = merge.check(recipe, allow_pickle=allow_pickle, output=output)
     except MergeStudioError as exc:
         message = " ".join(str(exc).split())
-        return PreflightReport(False, message, _refs_named(recipe, message))
+        return PreflightReport(False, message, _refs_named(recipe, message), filters=_filters_of_recipe(recipe))
     try:
         if output is not None:
             _check_output_folder(Path(output), overwrite)
@@ -56,7 +56,7 @@ def preflight(
         return report
     except MergeStudioError as exc:
         message = " ".join(str(exc).split())
-        return PreflightReport(False, message, _refs_named(recipe, message))
+        return PreflightReport(False, message, _refs_named(recipe, message), filters=_filters(plan))
     finally:
         plan.close()
 
@@ -128,6 +128,29 @@ def _filters(plan: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (("self_attn",), ("mlp",))
     names = list(plan.models[0].source.tensors) if plan.models else []
     return detect_filters(names)
+
+
+def _filters_of_recipe(recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Attention/MLP filter names from the first model that opens, when the check itself failed.
+
+    The curve editor needs them to write filters that match the model's tensors
+    even while the recipe has a problem elsewhere (an output folder that exists).
+    """
+    from core.io.catalog import resolve_model
+    from core.io.formats import open_model
+    from core.merge.curves import detect_filters
+
+    recipe_dir = recipe.source_path.parent if recipe.source_path else None
+    for ref in recipe.model_refs():
+        try:
+            source = open_model(resolve_model(ref, recipe_dir))
+        except MergeStudioError:
+            continue
+        try:
+            return detect_filters(list(source.tensors))
+        finally:
+            source.close()
+    return (("self_attn",), ("mlp",))
 
 
 def _model_facts(plan: Any) -> dict[str, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,15 @@ def make_window(qtbot, fresh_home):
         window.confirm_quit = False
         if window.sessions.store is not None:
             window.close()
+    # Tear the windows down now, while no worker thread runs, instead of leaving their Python
+    # wrappers to a garbage collection that may start at any moment of a later test.
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    from app.workers import running_workers
+
+    assert not running_workers(), "a test left a worker running"
+    for window in made:
+        window.deleteLater()
+    made.clear()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()

@@ -163,6 +163,8 @@ def test_merge_progress_output_history_restart_and_chain(qtbot, make_window, mod
     _add_folder(qtbot, window, models_folder, 3)
     out = tmp_path / "merged"
     _linear_recipe(qtbot, window, models_folder, out)
+    window.editor.seed_spin.setValue(7)
+    window.editor.seed_spin.editingFinished.emit()
     assert wait_preflight(qtbot, window).ok
     window.merge_options = {"tensor_delay_s": 0.02}
     seen = []
@@ -202,9 +204,12 @@ def test_merge_progress_output_history_restart_and_chain(qtbot, make_window, mod
     assert again.history.load_button.isEnabled()
 
     # Chain: the merged model is an input of the next recipe.
+    assert again.history.runs[0].settings["seed"] == 7
     again.doc.clear()
-    again.history.load_button.click()  # the earlier recipe back in the editor
+    again.doc.set_export(seed=0)
+    again.history.load_button.click()  # the earlier recipe back in the editor, with the run's settings
     assert again.doc.to_yaml() == saved_yaml
+    assert again.doc.export.seed == 7 and again.editor.seed_spin.value() == 7
     again.doc.clear()
     _pick_method(again, "linear")
     again.editor.add_models([str(out), str(models_folder / "tiny-llama-b")])

@@ -210,3 +210,16 @@ def test_gui_thread_is_free_while_merging(qtbot, make_window, models_folder, tmp
         start = len(ticks)
     timer.stop()
     assert len(ticks) - start > 10  # the event loop kept running during the merge
+
+
+def test_closing_while_the_database_opens_releases_it(qtbot, make_window):
+    """A window closed at once must not keep the database locked for the next one."""
+    first = make_window()
+    close_window(qtbot, first)  # before its start-up work began
+    opening = make_window(start_background=False)
+    opening.start_background_work()
+    close_window(qtbot, opening)  # while the store opens in its worker
+    assert first.sessions.store is None and opening.sessions.store is None
+    second = make_window()
+    wait_ready(qtbot, second)
+    assert second.sessions.persistent, second.notice.history

@@ -162,3 +162,17 @@ def test_no_memory_warning_when_memory_cannot_be_queried(llama_family, monkeypat
     monkeypatch.setattr(psutil, "virtual_memory", refuse)
     report = preflight(ties(llama_family["base"], llama_family["a"]).to_recipe())
     assert report.ok and report.warnings == []
+
+
+def test_filters_come_from_the_models_even_when_the_check_fails(gpt2_family, tmp_path):
+    """The curve editor must write GPT-2's 'attn' filter even while the recipe has a problem elsewhere."""
+    recipe = ties(gpt2_family["base"], gpt2_family["a"]).to_recipe()
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "x").write_text("")
+    report = preflight(recipe, output)  # fails after planning: the output folder
+    assert not report.ok and report.filters == (("attn",), ("mlp",))
+    recipe.merge_method = "slerp"  # fails while planning (no t): filters from the first model that opens
+    recipe.models = [type(recipe.models[0])("/no/such/model")] + recipe.models
+    report = preflight(recipe)
+    assert not report.ok and report.filters == (("attn",), ("mlp",))

@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench bench-tokens clean
+.PHONY: run test setup bench bench-tokens bench-app clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 bench-tokens: $(STAMP)
 	$(PY) bench/bench_tokens.py
+
+bench-app: $(STAMP)
+	$(PY) bench/bench_app.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

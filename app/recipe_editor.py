@@ -542,7 +542,11 @@ class RecipeEditor(QWidget):
         if self.curve_editor is None:
             from app.widgets.curve_editor import CurveEditor  # pyqtgraph loads here, after the window is up
 
+            from app.theme import plot_colors
+
             self.curve_editor = CurveEditor()
+            colors = plot_colors()
+            self.curve_editor.apply_colors(colors["background"], colors["foreground"])
             self.curve_editor.curvesChanged.connect(self._curve_edited)
             self._curve_page_layout.addWidget(self.curve_editor, 1)
         return self.curve_editor

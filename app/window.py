@@ -266,6 +266,11 @@ class MainWindow(QMainWindow):
         app_settings.set_value("ui/theme", name)
         if name in self.theme_actions:
             self.theme_actions[name].setChecked(True)
+        if self.editor.curve_editor is not None:
+            from app.theme import plot_colors
+
+            colors = plot_colors()
+            self.editor.curve_editor.apply_colors(colors["background"], colors["foreground"])
 
     def _about(self) -> None:
         QMessageBox.about(

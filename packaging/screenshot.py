@@ -5,8 +5,9 @@
 
 Builds the demo family in a temporary MERGESTUDIO_HOME, lets the app set up its
 TIES recipe, gives one model's density a per-layer curve (separate attention and
-MLP curves), runs the merge, and saves the window. Without $DISPLAY it uses Qt's
-offscreen platform.
+MLP curves), runs the merge, and saves the window (a second path: also the History
+tab). Without $DISPLAY it uses Qt's offscreen platform; MERGESTUDIO_SHOT_THEME=light
+takes the light theme.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> int:
     from app.theme import apply_theme
     from app.window import MainWindow
 
-    apply_theme(app, "dark")
+    apply_theme(app, os.environ.get("MERGESTUDIO_SHOT_THEME", "dark"))
     window = MainWindow()
     window.resize(1560, 960)
     window.show()

@@ -140,7 +140,9 @@ class CurveEditor(QWidget):
         self._view = item.getViewBox()
         self._view.setMouseEnabled(x=False, y=False)
         self._view.setMenuEnabled(False)
-        self._legend = item.addLegend(offset=(10, 10))
+        # The legend is a line above the plot, so it never hides a handle.
+        self._legend = QLabel()
+        self._legend.setTextFormat(Qt.TextFormat.RichText)
         dash = pg.mkPen("#888888", width=1, style=Qt.PenStyle.DashLine)
         self._edges = [pg.InfiniteLine(angle=0, pen=dash, movable=False) for _ in range(2)]
         for line in self._edges:
@@ -156,12 +158,12 @@ class CurveEditor(QWidget):
             item.addItem(line)
             item.addItem(handles)
             self._lines[key], self._handles[key] = line, handles
-        self._legend.clear()
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
 
         layout = QVBoxLayout(self)
         layout.addLayout(controls)
         layout.addWidget(self.reason_label)
+        layout.addWidget(self._legend)
         layout.addWidget(self.plot, 1)
         layout.addWidget(self.hover_label)
 
@@ -208,6 +210,16 @@ class CurveEditor(QWidget):
     def dragging(self) -> bool:
         """True while a handle is held with the mouse (``set_curves`` would end that drag)."""
         return self._dragging
+
+    def apply_colors(self, background: str, foreground: str) -> None:
+        """Follow the app's theme: plot background, axes and labels."""
+        self.plot.setBackground(background)
+        item = self.plot.getPlotItem()
+        pen = pg.mkPen(foreground)
+        for name in ("left", "bottom"):
+            axis = item.getAxis(name)
+            axis.setPen(pen)
+            axis.setTextPen(pen)
 
     def set_enabled_reason(self, text: Optional[str]) -> None:
         """Disable editing and say why (``text``), or enable it again (None)."""
@@ -322,14 +334,15 @@ class CurveEditor(QWidget):
         keys = self._keys()
         if self._selected not in keys:
             self._selected = "default"
-        self._legend.clear()
+        entries = []
         for key in COLOURS:
             shown = key in keys
             self._lines[key].setVisible(shown)
             self._handles[key].setVisible(shown)
             if shown:
-                self._legend.addItem(self._lines[key], LABELS[key])
+                entries.append(f'<span style="color:{COLOURS[key]}">●</span> {LABELS[key]}')
                 self._redraw(key)
+        self._legend.setText("&nbsp;&nbsp;&nbsp;".join(entries))
         self._style_lines()
         self._sync_controls()
 

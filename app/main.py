@@ -76,7 +76,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from app.theme import apply_theme
     from app.window import MainWindow
 
+    from app.gc_control import GuiThreadCollector
+
     apply_theme(app, str(app_settings.settings().value("ui/theme") or "dark"))
+    collector = GuiThreadCollector(parent=app)  # Qt objects must never be collected off the GUI thread
     window = MainWindow()
     probe = os.environ.get("MERGESTUDIO_STARTUP_PROBE")
     if probe:
@@ -84,7 +87,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         window.installEventFilter(watcher)
         window._probe = watcher  # keep it alive
     window.show()
-    return app.exec()
+    try:
+        return app.exec()
+    finally:
+        collector.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

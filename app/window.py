@@ -139,9 +139,14 @@ class MainWindow(QMainWindow):
         self.history.problem.connect(lambda text: self.notify(text))
         self.workspace = QTabWidget()
         self.workspace.setDocumentMode(True)
+        from app.tokens_panel import TokensPanel
+
+        self.tokens = TokensPanel(self.library, self.sessions)
+        self.tokens.problem.connect(lambda text: self.notify(text))
         self.workspace.addTab(self.editor, "Merge")
+        self.workspace.addTab(self.tokens, "Tokens")
         self.workspace.addTab(self.history, "History")
-        # Later panels (Tokens, Compare, Inspect) are added as more tabs of this workspace.
+        # Later panels (Compare, Inspect) are added as more tabs of this workspace.
         centre = QWidget()
         centre_layout = QVBoxLayout(centre)
         centre_layout.setContentsMargins(0, 0, 0, 0)
@@ -318,6 +323,7 @@ class MainWindow(QMainWindow):
         if self.sessions.persistent:
             app_settings.set_value("sessions/last", session.id)
         self.history.set_session(self.sessions.store, session.id)
+        self.tokens.refresh_runs()
 
     def _history_changed(self) -> None:
         if self.sessions.session is not None:

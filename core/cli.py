@@ -9,7 +9,7 @@ app through ``app/launcher.py``, which calls this for everything else):
     mergestudio methods [--json]
     mergestudio tokens bench MODEL|--tiny vit|bert|unet --method tome|pitome|tomesd|todo
                       [--r N | --ratio X | --threshold T] [--KEY VALUE ...] [--resolution PX]
-                      [--batch N] [--runs 5] [--device auto|cpu|cuda] [--json]
+                      [--batch N] [--runs 5] [--device auto|cpu|cuda] [--preset FILE] [--json]
     mergestudio models scan FOLDER... [--hf-cache] [--json]    (see core/library_cli.py)
     mergestudio models demo [DEST] [--json]
     mergestudio sessions list [--json]                          (see core/sessions/cli.py)
@@ -107,7 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         "--tiny", choices=("vit", "bert", "unet"), help="instead of MODEL: a random model of the usual shape"
     )
     bench.add_argument("--tiny-size", choices=("full", "small"), default="full", help=argparse.SUPPRESS)
-    bench.add_argument("--method", default="tome", help="tome, pitome, tomesd or todo (default: tome)")
+    bench.add_argument("--method", help="tome, pitome, tomesd or todo (default: the preset's, else tome)")
+    bench.add_argument(
+        "--preset",
+        type=Path,
+        help="a token preset (JSON, see resources/presets/tokens/): its method and options; options given "
+        "here too override the preset's",
+    )
     amount = bench.add_mutually_exclusive_group()
     amount.add_argument(
         "--r", type=_parse_r, help="tokens merged per layer: N, one per layer N,N,..., or N,INFLECTION (e.g. 13,-1.0)"
@@ -507,6 +513,9 @@ def _tokens_bench(args: argparse.Namespace) -> int:
     for name in ("r", "ratio", "threshold"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    method, preset = args.method or "tome", None
+    if args.preset is not None:
+        method, options, preset = _with_preset(args, options, bench_parser)
     if args.model is not None:
         bench.check_folder(args.model)  # before torch loads: a typo fails at once
     import torch
@@ -529,7 +538,7 @@ def _tokens_bench(args: argparse.Namespace) -> int:
                 loaded.notes.append("random model without a tokenizer: the sentences' words are hashed to token ids.")
         else:
             loaded = bench.load(args.model, attn=args.attn, dtype=dtype, device=device)
-        kind = bench.require_kind(loaded, args.method, options)
+        kind = bench.require_kind(loaded, method, options)
         work = bench.workload(
             loaded.model,
             kind=kind,
@@ -539,14 +548,48 @@ def _tokens_bench(args: argparse.Namespace) -> int:
             notes=loaded.notes,
             description=loaded.description,
         )
-        result = bench.run(work, args.method, options, runs=args.runs, warmup=args.warmup)
+        result = bench.run(work, method, options, runs=args.runs, warmup=args.warmup)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, the GUI) keep theirs
+    if preset is not None:
+        result["preset"] = preset
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(bench.format_text(result))
+        report = bench.format_text(result).split("\n")
+        if preset is not None:  # right under the report's "Method:" line
+            at = next((i + 1 for i, line in enumerate(report) if line.startswith("Method:")), len(report))
+            report[at:at] = _preset_text(preset).split("\n")
+        print("\n".join(report))
     return 0
+
+
+def _with_preset(args: argparse.Namespace, options: dict, bench_parser: Any) -> tuple[str, dict, dict]:
+    """Method and options of ``--preset`` with the command line's on top; and what to report about it."""
+    from core.tokens.presets import load_preset, preset_dict, with_overrides
+
+    preset = load_preset(args.preset)  # PresetError: one sentence naming the file and the field
+    if args.method is not None and args.method != preset.method:
+        bench_parser.error(
+            f"--method {args.method} differs from the method of the preset {args.preset} ({preset.method}); "
+            "leave --method out or choose another preset"
+        )
+    merged, overridden = with_overrides(preset, options)
+    info = {"path": str(args.preset), "method": preset.method, "options": preset_dict(preset)["options"]}
+    return preset.method, merged, {**info, "overridden": overridden}
+
+
+def _preset_text(preset: dict) -> str:
+    """The preset lines of the text report (under its "Method:" line)."""
+    shown = ", ".join(f"{k}={v}" for k, v in preset["options"].items()) or "defaults"
+    lines = [f"Preset:   {preset['path']} ({preset['method']}: {shown})"]
+    for change in preset["overridden"]:
+        had = ", ".join(f"{k}={v}" for k, v in change["replaces"].items())
+        lines.append(
+            f"          {change['option']}={change['value']} from the command line (overrides the preset); "
+            f"the preset has {had}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

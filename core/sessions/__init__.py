@@ -1,4 +1,4 @@
-"""Sessions kept in SQLite: models used, recipe versions, merge runs, notes, workspace state.
+"""Sessions kept in SQLite: models used, recipe versions, merge runs, token runs, notes, workspace state.
 
 ``SessionStore.open()`` opens (creating or upgrading) ``core.paths.home() /
 "sessions.db"``; see :mod:`core.sessions.store`. Importing this package is cheap:
@@ -17,6 +17,7 @@ from core.sessions.records import (
     StoreCorrupt,
     StoreError,
     StoreLocked,
+    TokenRunRecord,
 )
 from core.sessions.store import SessionStore, default_path
 
@@ -33,5 +34,6 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "StoreLocked",
+    "TokenRunRecord",
     "default_path",
 ]

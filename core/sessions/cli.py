@@ -1,7 +1,7 @@
 """``mergestudio sessions list|show``: the app's sessions from the command line.
 
     mergestudio sessions list [--json]       sessions, most recently updated first
-    mergestudio sessions show ID [--json]    one session: models, recipe versions, runs, notes
+    mergestudio sessions show ID [--json]    one session: models, recipe versions, runs, token runs, notes
 
 Reads ``core.paths.home() / "sessions.db"``. A missing database is not created.
 While the app has the database open, it is read without the lock (read-only);
@@ -16,7 +16,7 @@ import json
 from datetime import datetime
 from typing import Any, Optional
 
-from core.sessions.records import SessionInfo, StoreError, StoreLocked
+from core.sessions.records import SessionInfo, StoreError, StoreLocked, TokenRunRecord
 from core.sessions.store import SessionStore, default_path
 
 
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
     listing = commands.add_parser("list", help="sessions, most recently updated first")
     listing.add_argument("--json", action="store_true", help="print the sessions as JSON")
     listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    show = commands.add_parser("show", help="one session: its models, recipe versions, runs and notes")
+    show = commands.add_parser("show", help="one session: its models, recipe versions, runs, token runs and notes")
     show.add_argument("id", type=int, help="the session's id (see 'mergestudio sessions list')")
     show.add_argument("--json", action="store_true", help="print the session as JSON")
     show.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -77,6 +77,7 @@ def show_session(session_id: int, *, as_json: bool = False) -> int:
             "models": store.list_models(session_id),
             "recipe_versions": store.list_recipe_versions(session_id),
             "runs": store.list_runs(session_id),
+            "token_runs": store.list_token_runs(session_id),
             "notes": store.list_notes(session_id),
             "workspace": store.load_workspace(session_id),
         }
@@ -112,7 +113,7 @@ def format_list(sessions: list[SessionInfo]) -> str:
 
 
 def format_session(data: dict[str, Any]) -> str:
-    """The text of ``sessions show``: the session, then its models, recipe versions, runs and notes."""
+    """The text of ``sessions show``: the session, then its models, recipe versions, runs, token runs and notes."""
     s: SessionInfo = data["session"]
     lines = [f"Session {s.id}: {s.name}", f"  created {_when(s.created_at)}, updated {_when(s.updated_at)}"]
     lines.append(f"Models ({len(data['models'])}):")
@@ -132,9 +133,49 @@ def format_session(data: dict[str, Any]) -> str:
         lines.append(f"  #{r.id}  {r.status:<11} {_when(r.started_at)}  {r.method or '?'}{cost}  -> {r.output_path}")
         if r.error:
             lines.append(f"      {' '.join(r.error.split())}")
+    lines.extend(format_token_runs(data.get("token_runs", [])))
     lines.append(f"Notes ({len(data['notes'])}):")
     for n in data["notes"]:
         text = n.text.splitlines() or [""]
         lines.append(f"  {_when(n.updated_at)}  {text[0]}")
         lines.extend(f"                    {line}" for line in text[1:])
     return "\n".join(lines)
+
+
+def format_token_runs(runs: list[TokenRunRecord]) -> list[str]:
+    """The token runs of ``sessions show``: method, options, model, then speed-up and fidelity when measured."""
+    lines = [f"Token runs ({len(runs)}, newest first):"]
+    for t in runs:
+        label = f'  "{t.label}"' if t.label else ""
+        what = f"{t.method} ({options_text(t.options)})"
+        lines.append(f"  #{t.id}  {_when(t.created_at)}  {what}  on {t.model_name}{label}")
+        figures = figures_text(t.figures, len(t.images))
+        if figures:
+            lines.append(f"      {figures}")
+    return lines
+
+
+def options_text(options: dict[str, Any]) -> str:
+    """``r=13, prop_attn=False``; "defaults" for none."""
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def figures_text(figures: dict[str, Any], images: int = 0) -> str:
+    """Speed-up and fidelity of a token run, from the figures it has (bench/lab keys); "" for none."""
+    parts = []
+    if _number(figures.get("speedup")):
+        parts.append(f"speed-up {figures['speedup']:.2f}x")
+    metric = figures.get("fidelity_metric")
+    of = f" of the {metric}" if isinstance(metric, str) and metric else ""
+    if _number(figures.get("cosine")):
+        parts.append(f"cosine{of} {figures['cosine']:.4f}")
+        of = ""
+    if _number(figures.get("relative_error")):
+        parts.append(f"relative error{of} {figures['relative_error']:.4f}")
+    if images:
+        parts.append(f"{images} image{'s' if images != 1 else ''}")
+    return ", ".join(parts)

@@ -59,7 +59,7 @@ class _Record:
 
 @dataclass(frozen=True)
 class SessionInfo(_Record):
-    """A session (a named workspace of the app) with how many runs and models it holds."""
+    """A session (a named workspace of the app) with how many runs, models and token runs it holds."""
 
     id: int
     name: str
@@ -67,6 +67,7 @@ class SessionInfo(_Record):
     updated_at: datetime
     run_count: int = 0
     model_count: int = 0
+    token_run_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,24 @@ class NoteRecord(_Record):
     text: str
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenRunRecord(_Record):
+    """One token-merging run: the model, the method and its options, the figures measured, the view images.
+
+    ``options`` and ``figures`` are fresh dicts per record, as JSON gave them back
+    (tuples come back as lists); ``images`` are the paths of the PNG files of the
+    merged-token views, in the order they were given.
+    """
+
+    id: int
+    session_id: int
+    created_at: datetime
+    model_path: str
+    model_name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)
+    label: Optional[str] = None

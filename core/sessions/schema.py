@@ -7,7 +7,8 @@ checks that upgrading to ``HEAD`` gives exactly these tables. A schema change is
 a new revision plus the matching change here (and ``HEAD``/``REVISIONS``).
 
 Times are stored as naive UTC in SQLite and come back timezone-aware (UTC).
-JSON fields (run settings, workspace state) are stored as text; the store
+JSON fields (run settings, workspace state, token-run options, figures and
+image paths) are stored as text; the store
 encodes and decodes them itself so a bad value fails with a clear sentence.
 """
 
@@ -22,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 #: Every Alembic revision this code knows, oldest first; the last one is the head.
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 HEAD = REVISIONS[-1]
 
 NAMING = {
@@ -126,6 +127,23 @@ class NoteRow(Base):  # 0002
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class TokenRunRow(Base):  # 0003
+    """One token-merging run of the Tokens panel: model, method, options, figures, view images."""
+
+    __tablename__ = "token_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    model_path: Mapped[str] = mapped_column(Text)
+    model_name: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(Text)
+    options: Mapped[str] = mapped_column(Text)  # JSON object
+    figures: Mapped[str] = mapped_column(Text)  # JSON object
+    images: Mapped[str] = mapped_column(Text)  # JSON list of paths
+    label: Mapped[Optional[str]] = mapped_column(Text)
+
+
 __all__ = [
     "Base",
     "HEAD",
@@ -135,5 +153,6 @@ __all__ = [
     "RecipeVersionRow",
     "RunRow",
     "SessionRow",
+    "TokenRunRow",
     "UTCDateTime",
 ]

@@ -12,6 +12,13 @@ not at all. Every connection runs with ``journal_mode=WAL``,
 come out as :class:`StoreError` with one sentence naming the database file.
 Methods may be called from any thread (one operation at a time); they return
 frozen records, never ORM objects.
+
+Token runs keep the paths of their view images; the images themselves live in
+:meth:`SessionStore.token_views_dir` (``token-views/session-<id>`` beside the
+database file), which goes when the session is deleted. A new database starts
+without views: a ``token-views`` folder left by an earlier one (after
+:meth:`SessionStore.recover`, or a deleted database) is renamed
+``token-views.old-YYYYmmdd-HHMMSS``, so new sessions never share old images.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from core import paths
-from core.sessions import dbfile
+from core.sessions import dbfile, tokenruns
 from core.sessions.records import (
     FINISHED_STATUSES,
     INTERRUPTED_ERROR,
@@ -37,6 +46,7 @@ from core.sessions.records import (
     RunRecord,
     SessionInfo,
     StoreError,
+    TokenRunRecord,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +99,7 @@ def _now() -> datetime:
 
 
 class SessionStore:
-    """Sessions, their models, recipe versions, merge runs, notes and workspace state.
+    """Sessions, their models, recipe versions, merge runs, token runs, notes and workspace state.
 
     Open with :meth:`open`, :meth:`in_memory` or :meth:`recover`; close with
     :meth:`close` (or use it as a context manager).
@@ -113,6 +123,9 @@ class SessionStore:
         self.read_only = read_only
         self.backup_path = backup_path
         self.interrupted_runs: list[RunRecord] = []
+        # The folders of the token runs' view images: beside the file, or a temporary one for an in-memory store.
+        self._views_root: Optional[Path] = None if path is None else path.parent / tokenruns.VIEWS_FOLDER
+        self._temporary_views = path is None
 
     # ------------------------------------------------------------------ opening
 
@@ -183,6 +196,9 @@ class SessionStore:
         backup_path = None
         if revision is not None and revision != schema.HEAD:
             backup_path = dbfile.backup(db, revision)
+        if revision is None:  # a new database: views left by an earlier one are not its sessions'
+            views = db.parent / tokenruns.VIEWS_FOLDER
+            tokenruns.move_aside(views, f".old-{dbfile.stamp()}", "the token views of an earlier sessions database")
         engine = _file_engine(db, read_only=False, busy_timeout=busy_timeout)
         try:
             if revision != schema.HEAD:
@@ -209,7 +225,7 @@ class SessionStore:
         return cls(_file_engine(db, read_only=True, busy_timeout=busy_timeout), db, read_only=True)
 
     def close(self) -> None:
-        """Close the connections and release the lock (idempotent)."""
+        """Close the connections and release the lock (idempotent); an in-memory store's views go too."""
         with self._mutex:
             if self._closed:
                 return
@@ -219,6 +235,8 @@ class SessionStore:
             finally:
                 if self._lock is not None:
                     self._lock.release()
+                if self._temporary_views and self._views_root is not None:
+                    shutil.rmtree(self._views_root, ignore_errors=True)  # a temporary folder of ours
 
     def __enter__(self) -> "SessionStore":
         return self
@@ -258,7 +276,7 @@ class SessionStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read() as s:
-            return [_session_info(row, runs, models) for row, runs, models in s.execute(stmt)]
+            return [_session_info(*found) for found in s.execute(stmt)]
 
     def get_session(self, session_id: int) -> SessionInfo:
         from sqlalchemy import select
@@ -280,9 +298,24 @@ class SessionStore:
         return self.get_session(session_id)
 
     def delete_session(self, session_id: int) -> None:
-        """Delete the session and everything it holds (models, versions, runs, notes)."""
-        with self._write() as s:
-            s.delete(self._session_row(s, session_id))  # the database cascades to its rows
+        """Delete the session and everything it holds (models, versions, runs, token runs, notes, view images).
+
+        The views folder is renamed aside first (and renamed back if the delete
+        fails), then removed once the rows are gone.
+        """
+        with self._mutex:
+            self._check_writable()
+            folder = self._views_folder(session_id)
+            aside = None
+            if folder is not None:
+                aside = tokenruns.move_aside(folder, ".deleted", f"the token views of session {session_id}")
+            try:
+                with self._write() as s:
+                    s.delete(self._session_row(s, session_id))  # the database cascades to its rows
+            except BaseException:
+                tokenruns.move_back(aside, folder)
+                raise
+            tokenruns.remove_tree(aside, f"Session {session_id}")
 
     def save_workspace(self, session_id: int, state: dict[str, Any]) -> None:
         """Store the app's workspace state (a JSON object, opaque here); bumps ``updated_at``."""
@@ -520,6 +553,126 @@ class SessionStore:
         with self._read() as s:
             return _run(self._row(s, RunRow, run_id, "Run"))
 
+    # ------------------------------------------------------------------ token runs
+
+    def add_token_run(
+        self,
+        session_id: int,
+        *,
+        model_path: PathLike,
+        model_name: str,
+        method: str,
+        options: dict[str, Any],
+        figures: dict[str, Any],
+        images: Sequence[PathLike] = (),
+        label: Optional[str] = None,
+    ) -> TokenRunRecord:
+        """Record a token-merging run (options and figures: JSON objects; images: paths of PNG files)."""
+        from core.sessions.schema import TokenRunRow
+
+        where = os.fspath(model_path) if isinstance(model_path, (str, os.PathLike)) else None
+        if where is None or not where.strip():
+            raise StoreError(f"A token run needs the path of its model; got {model_path!r}.")
+        name = _text(model_name, f"The display name of the model {where} of a token run")
+        method_name = _text(method, "The method of a token run")
+        options_text = tokenruns.json_text(options, "options")
+        figures_text = tokenruns.json_text(figures, "figures")
+        images_text = json.dumps(tokenruns.image_paths(images))
+        if label is not None and not isinstance(label, str):
+            raise StoreError(f"The label of a token run must be text, not {type(label).__name__}.")
+        if label is not None:
+            label = label.strip() or None
+        now = _now()
+        with self._write() as s:
+            session = self._session_row(s, session_id)
+            row = TokenRunRow(
+                session_id=session_id,
+                created_at=now,
+                model_path=where,
+                model_name=name,
+                method=method_name,
+                options=options_text,
+                figures=figures_text,
+                images=images_text,
+                label=label,
+            )
+            s.add(row)
+            session.updated_at = now
+            s.flush()
+            return self._token_run(row)
+
+    def list_token_runs(self, session_id: int) -> list[TokenRunRecord]:
+        """The session's token runs, newest first."""
+        from sqlalchemy import select
+
+        from core.sessions.schema import TokenRunRow
+
+        with self._read() as s:
+            self._session_row(s, session_id)
+            rows = s.scalars(
+                select(TokenRunRow)
+                .where(TokenRunRow.session_id == session_id)
+                .order_by(TokenRunRow.created_at.desc(), TokenRunRow.id.desc())
+            )
+            return [self._token_run(row) for row in rows]
+
+    def get_token_run(self, run_id: int) -> TokenRunRecord:
+        from core.sessions.schema import TokenRunRow
+
+        with self._read() as s:
+            return self._token_run(self._row(s, TokenRunRow, run_id, "Token run"))
+
+    def delete_token_run(self, run_id: int) -> None:
+        """Delete a token run, and its images in the session's views folder that no other run shows."""
+        from sqlalchemy import select
+
+        from core.sessions.schema import SessionRow, TokenRunRow
+
+        with self._mutex:
+            with self._write() as s:
+                row = self._row(s, TokenRunRow, run_id, "Token run")
+                session_id = row.session_id
+                images = _image_list(row.images)
+                kept: set[str] = set()
+                for other in s.scalars(
+                    select(TokenRunRow.images).where(TokenRunRow.session_id == session_id, TokenRunRow.id != run_id)
+                ):
+                    kept.update(_image_list(other))
+                session = s.get(SessionRow, session_id)
+                if session is not None:
+                    session.updated_at = _now()
+                s.delete(row)
+            folder = self._views_folder(session_id)
+            if folder is None:
+                return
+            failed = []
+            for image in dict.fromkeys(images):
+                if image in kept or not tokenruns.inside(image, folder):
+                    continue  # another run shows it, or it is not ours to delete
+                try:
+                    Path(image).unlink(missing_ok=True)
+                except OSError as exc:
+                    failed.append(f"{image} ({exc.strerror or exc})")
+            if failed:
+                raise StoreError(f"Token run {run_id} was deleted, but its image {failed[0]} could not be removed.")
+
+    def token_views_dir(self, session_id: int) -> Path:
+        """The folder for the view images of the session's token runs (created; removed with the session)."""
+        with self._mutex:
+            self._check_writable()
+            self.get_session(session_id)  # StoreError for a session that does not exist
+            if self._views_root is None:
+                self._views_root = Path(tempfile.mkdtemp(prefix="mergestudio-token-views-"))
+            folder = tokenruns.session_folder(self._views_root, session_id)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"The folder {folder} for the token views of session {session_id} cannot be created "
+                    f"({exc.strerror or exc})."
+                ) from None
+            return folder
+
     # ------------------------------------------------------------------ notes
 
     def add_note(self, session_id: int, text: str) -> NoteRecord:
@@ -591,11 +744,7 @@ class SessionStore:
         """One write transaction: committed whole when the block ends, rolled back on any exception."""
         from sqlalchemy.orm import Session
 
-        if self.read_only:
-            raise StoreError(
-                f"The sessions database {dbfile.where(self.path)} was opened read-only (while another "
-                "Merge Studio has it); nothing can be saved through it."
-            )
+        self._check_writable()
         with self._guard(), Session(self._writer, expire_on_commit=False) as s, s.begin():
             yield s
 
@@ -605,6 +754,46 @@ class SessionStore:
 
         with self._guard(), Session(self._engine) as s, s.begin():
             yield s
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError(f"The sessions database {dbfile.where(self.path)} is closed.")
+        if self.read_only:
+            raise StoreError(
+                f"The sessions database {dbfile.where(self.path)} was opened read-only (while another "
+                "Merge Studio has it); nothing can be saved through it."
+            )
+
+    def _views_folder(self, session_id: int) -> Optional[Path]:
+        """The session's views folder (not created), or None if this store has no views root yet."""
+        if self._views_root is None:
+            return None
+        return tokenruns.session_folder(self._views_root, session_id)
+
+    def _token_run(self, row: "S.TokenRunRow") -> TokenRunRecord:
+        what = f"token run {row.id} in {dbfile.where(self.path)}"
+
+        def decoded(field: str, text: str, kind: type, ok: Any = lambda v: True) -> Any:
+            value = _loads(text, f"The {field} of {what}")
+            if not isinstance(value, kind) or not ok(value):
+                expected = "a JSON object" if kind is dict else "a list of paths"
+                raise StoreError(
+                    f"The {field} of {what} are not {expected}; the database was changed by another program."
+                )
+            return value
+
+        return TokenRunRecord(
+            id=row.id,
+            session_id=row.session_id,
+            created_at=row.created_at,
+            model_path=row.model_path,
+            model_name=row.model_name,
+            method=row.method,
+            options=decoded("options", row.options, dict),
+            figures=decoded("figures", row.figures, dict),
+            images=decoded("images", row.images, list, lambda v: all(isinstance(p, str) for p in v)),
+            label=row.label,
+        )
 
     def _missing(self, what: str, key: Any) -> StoreError:
         return StoreError(f"{what} {key} does not exist in the sessions database {dbfile.where(self.path)}.")
@@ -708,11 +897,12 @@ def _upgrade(engine: "Engine", db: Path) -> None:
 def _with_counts(stmt: Any) -> Any:
     from sqlalchemy import func, select
 
-    from core.sessions.schema import ModelRow, RunRow, SessionRow
+    from core.sessions.schema import ModelRow, RunRow, SessionRow, TokenRunRow
 
     runs = select(func.count(RunRow.id)).where(RunRow.session_id == SessionRow.id).scalar_subquery()
     models = select(func.count(ModelRow.id)).where(ModelRow.session_id == SessionRow.id).scalar_subquery()
-    return stmt.add_columns(runs, models)
+    token_runs = select(func.count(TokenRunRow.id)).where(TokenRunRow.session_id == SessionRow.id).scalar_subquery()
+    return stmt.add_columns(runs, models, token_runs)
 
 
 def _name(name: Any) -> str:
@@ -748,8 +938,19 @@ def _loads(text: str, what: str) -> Any:
         raise StoreError(f"{what} is not valid JSON; the database was changed by another program.") from None
 
 
-def _session_info(row: "S.SessionRow", runs: int, models: int) -> SessionInfo:
-    return SessionInfo(row.id, row.name, row.created_at, row.updated_at, int(runs or 0), int(models or 0))
+def _session_info(row: "S.SessionRow", runs: int, models: int, token_runs: int = 0) -> SessionInfo:
+    return SessionInfo(
+        row.id, row.name, row.created_at, row.updated_at, int(runs or 0), int(models or 0), int(token_runs or 0)
+    )
+
+
+def _image_list(text: Optional[str]) -> list[str]:
+    """A token run's image paths for deleting (a damaged field deletes nothing rather than failing)."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [str(p) for p in value] if isinstance(value, list) else []
 
 
 def _model(row: "S.ModelRow") -> ModelRecord:

@@ -579,7 +579,8 @@ class _Pass:
 
     ``size [B, N, 1]`` (None until a merge), ``valid [B, N]`` bool (None: all tokens
     real; False on padding and threshold-mode pad slots), ``assignment [B, N_input]``
-    (None until a merge), ``bias`` the mask layers get once something merged.
+    (None until a merge), ``bias`` the mask layers get once something merged,
+    ``layer_assignments`` the assignment after each layer (None before the first merge).
     """
 
     __slots__ = (
@@ -587,6 +588,7 @@ class _Pass:
         "batch",
         "bias",
         "input_tokens",
+        "layer_assignments",
         "merge_seconds",
         "merged",
         "occupied",
@@ -607,6 +609,7 @@ class _Pass:
         self.bias = None
         self.merged = False
         self.tokens: list = []
+        self.layer_assignments: list = []
         self.merge_seconds = 0.0
 
 
@@ -695,7 +698,8 @@ class TokenMergeHandle:
         more than others); ``output_tokens``: tokens leaving the encoder (same rules);
         ``merge_seconds``: wall time spent computing the metric, matching and merging
         (on a GPU this is launch time unless the device was synchronised);
-        ``tokens_per_sample`` (threshold mode): per layer, each sample's count.
+        ``tokens_per_sample`` (threshold mode): per layer, each sample's count;
+        ``output_tokens_per_sample`` (threshold mode): each sample's count after the last layer.
         """
         last = self._last
         mode = "threshold" if self._threshold_mode else "r"
@@ -705,6 +709,7 @@ class TokenMergeHandle:
         if self._threshold_mode:
             per_sample = [t if isinstance(t, list) else [t] * last.batch for t in last.tokens]
             out["tokens_per_sample"] = per_sample[:-1]
+            out["output_tokens_per_sample"] = per_sample[-1]
             means = [sum(t) / len(t) for t in per_sample]
         else:
             means = list(last.tokens)
@@ -724,6 +729,18 @@ class TokenMergeHandle:
         None before the first forward or when nothing merged.
         """
         return None if self._last is None else self._last.assignment
+
+    @property
+    def layer_assignments(self) -> list[Tensor | None]:
+        """Per layer ``i`` of the last forward, the ``[B, N_input]`` int64 assignment after its merge.
+
+        Entry ``i`` maps each input token to the token that covers it when layer ``i``
+        hands over to layer ``i + 1`` (the last entry equals :attr:`assignment`); None
+        for the layers before the first merge (the identity). Always kept: one
+        reference per layer to the tensor each merge builds anyway (``B * N_input``
+        integers per merging layer). Empty before the first forward.
+        """
+        return [] if self._last is None else list(self._last.layer_assignments)
 
     @property
     def sizes(self) -> Tensor | None:
@@ -877,6 +894,8 @@ class TokenMergeHandle:
         return self._leave(index, x)
 
     def _leave(self, index: int, x: Tensor) -> Tensor:
+        # A reference, not a copy: every merge builds a new assignment tensor.
+        self._pass.layer_assignments.append(self._pass.assignment)
         if index == len(self.target.layers) - 1:
             state = self._pass
             state.tokens.append(state.occupied if state.occupied is not None else x.shape[1])

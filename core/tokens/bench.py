@@ -54,9 +54,13 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Callable
 
 from core.errors import MergeStudioError, ModelError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from core.jobs import Progress
 
 SENTENCES_FILE = Path(__file__).resolve().parents[2] / "resources" / "prompts" / "sentences.txt"
 UNET_TEXT_TOKENS = 77
@@ -294,21 +298,31 @@ def read_sentences(path: Path | None = None) -> list[str]:
     return sentences
 
 
+def hash_words(text: str) -> list[str]:
+    """The words and punctuation :func:`hash_tokenize` hashes, lower-cased, in order."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def hash_tokens(text: str, max_length: int) -> list[str]:
+    """The token strings of ``text`` under :func:`hash_tokenize`: ``[CLS]``, its words (truncated), ``[SEP]``."""
+    return ["[CLS]", *hash_words(text)[: max(max_length - 2, 0)], "[SEP]"]
+
+
 def hash_tokenize(sentences: list[str], vocab_size: int, max_length: int):
     """Words and punctuation hashed to ids (for a random BERT without a tokenizer).
 
     ``[CLS] words... [SEP]``, right-padded with 0; returns ``input_ids`` and
     ``attention_mask`` as ``[B, N]`` int64 tensors. Deterministic (crc32, not ``hash``).
     """
-    import re
-
     import torch
 
     cls_id, sep_id = (101, 102) if vocab_size > 1000 else (1, 2)
     first = sep_id + 1
     rows = []
     for text in sentences:
-        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        words = hash_words(text)
         ids = [first + zlib.crc32(w.encode()) % (vocab_size - first) for w in words]
         rows.append([cls_id, *ids[: max(max_length - 2, 0)], sep_id])
     width = max(len(r) for r in rows)
@@ -325,7 +339,9 @@ class Workload:
     """A model with fixed inputs: what :func:`run` times.
 
     ``forward()`` runs the model once on the inputs; ``readout(output, handle)`` is the
-    quantity whose fidelity is measured (a ``[B, D]`` tensor).
+    quantity whose fidelity is measured (a ``[B, D]`` tensor). ``extras`` holds what a
+    caller wants to keep about the inputs (the picture, the token strings); the
+    measurement never reads it.
     """
 
     model: Any
@@ -342,6 +358,7 @@ class Workload:
     dtype: str = "float32"
     attention: str | None = None
     parameters: int = 0
+    extras: dict = field(default_factory=dict)  # what made the inputs, for display (core.tokens.lab)
 
     def forward(self):
         if self.kind == "unet":
@@ -434,7 +451,8 @@ def workload(
                 "(position embeddings)."
             )
         pixels = torch.randn(batch, channels, size, size, generator=generator).to(device=device, dtype=dtype)
-        tokens = (size // patch) ** 2 + 1
+        specials = 2 if getattr(vision, "model_type", None) == "deit" else 1  # DeiT: class + distillation token
+        tokens = (size // patch) ** 2 + specials
         return Workload(
             **work,
             inputs={"pixel_values": pixels},
@@ -550,9 +568,15 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
-def peak_memory(work: Workload, fn: Callable[[], Any]) -> tuple[int | None, str, Any]:
-    """Run ``fn`` once; return (peak bytes above the start, how it was measured, fn's result)."""
-    gc.collect()
+def peak_memory(work: Workload, fn: Callable[[], Any], collect: bool = True) -> tuple[int | None, str, Any]:
+    """Run ``fn`` once; return (peak bytes above the start, how it was measured, fn's result).
+
+    ``collect=False`` skips the garbage collection before the measurement: a GUI runs
+    this in a worker thread, and collecting there could destroy Qt objects (which must
+    die on the GUI thread); the app collects on its GUI thread instead.
+    """
+    if collect:
+        gc.collect()
     if work.device.startswith("cuda"):
         import torch
 
@@ -645,55 +669,129 @@ def run(work: Workload, method: str, options: dict, runs: int = 5, warmup: int =
     ``stats`` (the handle's, as JSON), ``fidelity_metric``, ``cosine``, ``cosine_min``,
     ``relative_error``, ``restored_exactly``, ``speedup_best`` (fastest run against
     fastest run), ``spread`` (slowest / fastest run, the worse side), ``notes``.
+
+    The same measurement one forward at a time: :func:`iter_run`.
+    """
+    from core.jobs import drive
+
+    return drive(iter_run(work, method, options, runs=runs, warmup=warmup))
+
+
+def forward_count(runs: int, warmup: int) -> int:
+    """How many forwards :func:`iter_run` makes (the ``total`` of its progress)."""
+    return 2 * warmup + 2 * runs + 2
+
+
+def iter_run(
+    work: Workload,
+    method: str,
+    options: dict,
+    runs: int = 5,
+    warmup: int = 1,
+    *,
+    on_apply: Callable[[Any], None] | None = None,
+    on_merged: Callable[[Any, Any], None] | None = None,
+    collect_garbage: bool = True,
+) -> Generator[Progress, None, dict]:
+    """:func:`run` as a generator: yields a :class:`~core.jobs.Progress` after every forward, returns run's dict.
+
+    The options are validated (one apply and remove, no forward) before the first
+    forward. ``on_apply(handle)`` is called after every apply, before the patched
+    forwards (e.g. to choose what the handle records); ``on_merged(handle, output)``
+    once, right after the first timed merged forward, while the patch is still in
+    place (to read what the handle kept about that forward). Each forward runs under
+    ``torch.inference_mode`` on its own, so the generator may be resumed from another
+    thread between yields. Closing the generator (a cancelled job) removes any patch:
+    the model is exactly as before.
     """
     import torch
+
+    from core.jobs import Progress
 
     for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise BenchError(f"--{name} {value!r} must be a whole number of at least {low}.")
     options = dict(options)
-    with torch.inference_mode():
+    total = forward_count(runs, warmup)
+    clock = time.perf_counter()
+    steps = [0]
+    patch: list = []
+
+    def step(message: str) -> Progress:
+        steps[0] += 1
+        return Progress(steps[0], total, elapsed_s=time.perf_counter() - clock, message=message)
+
+    def enter():
+        handle = _apply(work, method, options)
+        patch.append(handle)
+        if on_apply is not None:
+            on_apply(handle)
+        return handle
+
+    def leave() -> None:
+        while patch:
+            patch.pop().remove()
+
+    try:
         # The options are validated (and a bad one reported) before any time is spent.
-        handle = _apply(work, method, options)
-        handle.remove()
+        with torch.inference_mode():
+            enter()
+        leave()
 
-        for _ in range(warmup):
-            work.forward()
-        plain_time, plain_out = _timed(work)
-        plain = work.readout(plain_out)
-        times_plain = [plain_time]
-
-        handle = _apply(work, method, options)
-        try:
-            for _ in range(warmup):
+        for index in range(warmup):
+            with torch.inference_mode():
                 work.forward()
+            yield step(f"warm-up forward {index + 1}/{warmup} without merging")
+        with torch.inference_mode():
+            plain_time, plain_out = _timed(work)
+            plain = work.readout(plain_out)
+        del plain_out
+        times_plain = [plain_time]
+        yield step(f"timed forward 1/{runs} without merging")
+
+        with torch.inference_mode():
+            enter()
+        for index in range(warmup):
+            with torch.inference_mode():
+                work.forward()
+            yield step(f"warm-up forward {index + 1}/{warmup} with {method}")
+        with torch.inference_mode():
+            handle = patch[-1]
             merged_time, merged_out = _timed(work)
             merged = work.readout(merged_out, handle)
             stats = _jsonable(getattr(handle, "stats", {}) or {})
-        finally:
-            handle.remove()
+            if on_merged is not None:
+                on_merged(handle, merged_out)
+            del merged_out, handle
+        leave()
         times_merged = [merged_time]
-        del plain_out, merged_out
+        yield step(f"timed forward 1/{runs} with {method}")
 
         # The timed runs alternate so drift hits both sides alike. The forwards above
         # were already warm, so they count as the first pair.
-        for _ in range(runs - 1):
-            times_plain.append(_timed(work)[0])
-            handle = _apply(work, method, options)
-            try:
+        for index in range(1, runs):
+            with torch.inference_mode():
+                times_plain.append(_timed(work)[0])
+            yield step(f"timed forward {index + 1}/{runs} without merging")
+            with torch.inference_mode():
+                enter()
                 times_merged.append(_timed(work)[0])
-            finally:
-                handle.remove()
+            leave()
+            yield step(f"timed forward {index + 1}/{runs} with {method}")
 
-        memory_plain, how, again = peak_memory(work, work.forward)
-        restored = bool(torch.equal(work.readout(again), plain))
-        del again
-        handle = _apply(work, method, options)
-        try:
-            memory_merged, _, out = peak_memory(work, work.forward)
+        with torch.inference_mode():
+            memory_plain, how, again = peak_memory(work, work.forward, collect_garbage)
+            restored = bool(torch.equal(work.readout(again), plain))
+            del again
+        yield step("peak memory without merging")
+        with torch.inference_mode():
+            enter()
+            memory_merged, _, out = peak_memory(work, work.forward, collect_garbage)
             del out
-        finally:
-            handle.remove()
+        leave()
+        yield step(f"peak memory with {method}")
+    finally:
+        leave()
 
     fidelity = compare(plain, merged)
     median_plain = statistics.median(times_plain)
@@ -888,7 +986,9 @@ __all__ = [
     "compare",
     "format_text",
     "format_tokens",
+    "forward_count",
     "hash_tokenize",
+    "iter_run",
     "load",
     "model_kind",
     "peak_memory",

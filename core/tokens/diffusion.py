@@ -539,7 +539,18 @@ def apply(model, method: str = "tomesd", **options) -> DiffusionTokenMergeHandle
 class _Pass:
     """Figures of one UNet forward: latent size, and per patched block call its tokens."""
 
-    __slots__ = ("batch", "height", "width", "names", "input_tokens", "tokens", "kv_tokens", "merge_seconds", "sources")
+    __slots__ = (
+        "batch",
+        "height",
+        "width",
+        "names",
+        "input_tokens",
+        "tokens",
+        "kv_tokens",
+        "merge_seconds",
+        "sources",
+        "groups",
+    )
 
     def __init__(self, batch: int, height: int, width: int):
         self.batch = batch
@@ -551,6 +562,7 @@ class _Pass:
         self.kv_tokens: list[int] = []
         self.merge_seconds = 0.0
         self.sources: dict = {}
+        self.groups: dict | None = None
 
 
 class DiffusionTokenMergeHandle:
@@ -566,6 +578,10 @@ class DiffusionTokenMergeHandle:
         skipped: todo only, ``{block name: why}`` for selected blocks it cannot patch
             (a self-attention that is really a cross-attention, or has its own norms).
         active: False once removed (or replaced by a later :func:`apply`).
+
+    :meth:`record_block` picks one patched block whose merge grouping of the last
+    forward :attr:`block_groups` returns (for display); :meth:`block_names` gives the
+    blocks' readable names.
 
     A ``copy.deepcopy`` of a patched UNet copies its hooks too (as with tomesd's patch):
     copy the model before :func:`apply` or after :meth:`remove`.
@@ -586,6 +602,7 @@ class DiffusionTokenMergeHandle:
         self._pass: _Pass | None = None
         self._last: _Pass | None = None
         self._grid_cache: dict = {}
+        self._record: int | None = None
         self._generator = None
         if method == "tomesd":
             self._generator = torch.Generator(device="cpu")
@@ -632,6 +649,66 @@ class DiffusionTokenMergeHandle:
         if _HANDLES.get(self.unet) is self:
             del _HANDLES[self.unet]
         self.active = False
+
+    def block_names(self) -> list[str]:
+        """Readable names of the patched blocks, in execution order (the order of ``stats``' per-block lists).
+
+        ``down_blocks.0.attentions.1.transformer_blocks.0`` reads ``down.0.attn.1``;
+        ``mid_block`` reads ``mid``; a transformer model holding several blocks (SDXL)
+        adds the block's index: ``down.2.attn.0[3]``.
+        """
+        every = [*self.blocks, *self.skipped]
+        parents: dict[str, int] = {}
+        for name in every:
+            parent = name.rsplit(".transformer_blocks.", 1)[0]
+            parents[parent] = parents.get(parent, 0) + 1
+        return [_readable(name, parents) for name in self.blocks]
+
+    def record_block(self, index: int | None) -> None:
+        """Keep the merge grouping of patched block ``index`` (see :attr:`block_groups`); None: stop.
+
+        ``index`` counts the patched blocks in execution order (as :meth:`block_names`).
+        The grouping is recorded during every following forward; it costs one
+        ``[B, N]`` int64 tensor.
+        """
+        if index is not None:
+            count = len(self._blocks)
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+                raise TokenMergeError(
+                    f"record_block: block {index!r} does not exist; this {self.method} patch has {count} "
+                    f"blocks (0 to {count - 1}): {', '.join(self.block_names())}."
+                )
+            index = int(index)
+        self._record = index
+
+    @property
+    def block_groups(self) -> dict | None:
+        """The grouping of the recorded block (:meth:`record_block`) in the last forward, or None.
+
+        ``{"index", "block", "name", "grid": (h, w), "groups": [B, h*w] int64, "count"}``:
+        ``groups[b, i]`` is token ``i``'s group id -- tomesd: the index (in the block's
+        grid) of the destination token it merged into, or its own index; todo: the
+        key/value token (cell of the downsampled ``"kv_grid"``, row-major) whose cell
+        it falls in. ``count`` is the number of groups (tokens the merged branches
+        process, or key/value tokens). None when nothing was recorded (no block chosen,
+        no forward yet, or the block did not run as a self-attention).
+        """
+        if self._last is None or self._last.groups is None:
+            return None
+        return dict(self._last.groups)
+
+    def _keep_groups(self, index: int, h: int, w: int, groups, count: int, **extra) -> None:
+        state = self._pass
+        block = self._blocks[index]
+        state.groups = {
+            "index": index,
+            "block": block.name,
+            "name": self.block_names()[index],
+            "grid": (h, w),
+            "groups": groups,
+            "count": count,
+            **extra,
+        }
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the ``use_rand`` generator at ``seed`` (default: the ``seed`` option).
@@ -837,6 +914,8 @@ class DiffusionTokenMergeHandle:
                 if opts["trace_source"]:
                     state.sources[block.name] = merge.assignment
             self._slots[index] = merge
+            if self._record == index:
+                self._keep_groups(index, h, w, _merge_groups(merge, hidden.shape[0], tokens), tokens - r)
             state.names.append(block.name)
             state.input_tokens.append(tokens)
             state.tokens.append(tokens - r)
@@ -886,11 +965,14 @@ class DiffusionTokenMergeHandle:
             state.names.append(block.name)
             state.input_tokens.append(tokens)
             state.tokens.append(tokens)
+            new_h, new_w = h // factor, w // factor
+            if self._record == index and new_h and new_w:
+                cells = _cell_groups(h, w, new_h, new_w).expand(hidden.shape[0], -1)
+                self._keep_groups(index, h, w, cells, new_h * new_w, kv_grid=(new_h, new_w))
             if factor == 1:
                 state.kv_tokens.append(tokens)
                 return None
             start = time.perf_counter()
-            new_h, new_w = h // factor, w // factor
             if new_h == 0 or new_w == 0:
                 raise TokenMergeError(
                     f"{block.name}: downsample_factor={factor} is larger than its {h}x{w} token grid "
@@ -917,6 +999,38 @@ class DiffusionTokenMergeHandle:
             return args, kwargs
 
         return hook
+
+
+def _readable(name: str, parents: dict[str, int]) -> str:
+    """``down_blocks.0.attentions.1.transformer_blocks.0`` -> ``down.0.attn.1`` (see ``block_names``)."""
+    parent, _, inner = name.rpartition(".transformer_blocks.")
+    if not parent:
+        parent, inner = name, ""
+    words = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "attentions": "attn"}
+    text = ".".join(words.get(part, part) for part in parent.split("."))
+    if inner and parents.get(parent, 1) > 1:
+        text += f"[{inner}]"
+    return text
+
+
+def _merge_groups(merge, batch: int, tokens: int) -> Tensor:
+    """``[B, N]`` int64: for each token the index of the token it merged into (its destination) or its own."""
+    import torch
+
+    if merge is None or merge.is_identity:
+        return torch.arange(tokens).expand(batch, tokens).clone()
+    # Each output slot's input row (flat over the batch): the destination, or the unmerged token itself.
+    keep = merge._keep.reshape(batch, merge.n_out) - torch.arange(batch, device=merge._keep.device)[:, None] * tokens
+    return keep.gather(1, merge.assignment).cpu()
+
+
+def _cell_groups(h: int, w: int, new_h: int, new_w: int) -> Tensor:
+    """``[1, h*w]`` int64: the cell of the ``new_h`` x ``new_w`` downsampled grid each token lies in (row-major)."""
+    import torch
+
+    rows = torch.arange(h) * new_h // h
+    cols = torch.arange(w) * new_w // w
+    return (rows[:, None] * new_w + cols[None, :]).reshape(1, h * w)
 
 
 def _downsample(hidden: Tensor, h: int, w: int, new_h: int, new_w: int, method: str) -> Tensor:

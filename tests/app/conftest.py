@@ -33,6 +33,16 @@ def close_window(qtbot, window) -> None:
     window.close()
 
 
+@pytest.fixture(autouse=True)
+def collect_garbage_on_the_gui_thread(qapp):
+    """As in the app (app/gc_control.py): no automatic collection, which could run in a worker thread
+    and destroy Qt objects there; the window fixtures collect on the GUI thread at teardown."""
+    gc.disable()
+    yield
+    gc.collect()
+    gc.enable()
+
+
 @pytest.fixture
 def models_folder(llama_family, tmp_path) -> Path:
     """A library folder holding copies of the tiny llama family (base, a, b)."""

@@ -637,7 +637,7 @@ def test_an_older_database_is_backed_up_then_upgraded(db):
         assert sql(backup, "SELECT name FROM sessions") == [("old session",)]
         assert sql(backup, "SELECT status FROM merge_runs ORDER BY id") == [("succeeded",), ("running",)]
         assert sql(backup, "SELECT name FROM sqlite_master WHERE name = 'notes'") == []
-        assert sql(db, "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert sql(db, "SELECT version_num FROM alembic_version") == [("0003",)]  # 0001 -> 0002 -> 0003
 
         (session,) = store.list_sessions()
         assert session.name == "old session" and session.run_count == 2 and session.model_count == 1

@@ -354,6 +354,7 @@ class TokensPanel(QWidget):
 
         left = QWidget()
         form = QFormLayout(left)
+        self._input_form = form
         form.addRow("Model", self.model_combo)
         form.addRow("Input", self.input_combo)
         form.addRow("Text", self.text_edit)
@@ -428,6 +429,9 @@ class TokensPanel(QWidget):
         views = QSplitter()
         views.addWidget(chart_box)
         views.addWidget(groups_box)
+        views.setStretchFactor(0, 1)
+        views.setStretchFactor(1, 1)
+        views.setSizes([420, 420])
 
         # Variants, sweep, runs
         self.bottom_tabs = QTabWidget()
@@ -496,6 +500,8 @@ class TokensPanel(QWidget):
         self.sweep_plot.getPlotItem().setLabel("bottom", "speed-up (×)")
         self.sweep_plot.getPlotItem().setLabel("left", "fidelity (cosine)")
         self.sweep_plot.getPlotItem().showGrid(x=True, y=True, alpha=0.2)
+        for axis in ("bottom", "left"):  # plain numbers: no "(x0.001)" prefixes on speed-ups and cosines
+            self.sweep_plot.getPlotItem().getAxis(axis).enableAutoSIPrefix(False)
         self.sweep_scatter = pg.ScatterPlotItem(size=10, brush=pg.mkBrush(colors["curves"][0]), hoverable=True)
         self.sweep_plot.addItem(self.sweep_scatter)
         self.sweep_curve = pg.PlotDataItem(pen=pg.mkPen(colors["curves"][0], width=1))
@@ -551,8 +557,8 @@ class TokensPanel(QWidget):
             self.input_combo.addItem("The sentence below", None)
         else:
             self.input_combo.addItem("The prompt below (random latents)", None)
-        self.text_edit.setVisible(kind != "vit")
-        self.step_spin.setEnabled(kind == "unet")
+        self._input_form.setRowVisible(self.text_edit, kind != "vit")
+        self._input_form.setRowVisible(self.step_spin, kind == "unet")
         if kind == "bert" and not self.text_edit.text().strip():
             self.text_edit.setText("Token merging combines similar tokens so a transformer runs on fewer of them.")
         if kind == "unet" and not self.text_edit.text().strip():
@@ -784,7 +790,7 @@ class TokensPanel(QWidget):
     # -- showing ---------------------------------------------------------------------
     def _show_result(self, r: Any) -> None:
         self._ensure_plots()
-        speed = f"{r.speedup:.2f}×" if r.speedup else "?"
+        speed = f"speed-up {r.speedup:.2f}×" if r.speedup else "speed-up ?"
         fidelity = f"cosine {r.cosine:.4f}" if r.cosine is not None else ""
         if r.relative_error is not None:
             fidelity += f", relative error {r.relative_error:.3g}"
@@ -793,7 +799,7 @@ class TokensPanel(QWidget):
             memory = f" · peak memory {size_text(r.peak_memory_plain_bytes)} → {size_text(r.peak_memory_merged_bytes)}"
         tokens = f"{r.input_tokens} → {r.output_tokens:g} tokens" if r.output_tokens is not None else ""
         self.figures.setText(
-            f"<b>{speed}</b> faster · {r.time_plain_s * 1000:.1f} ms → {r.time_merged_s * 1000:.1f} ms per forward"
+            f"<b>{speed}</b> · {r.time_plain_s * 1000:.1f} ms → {r.time_merged_s * 1000:.1f} ms per forward"
             f"{memory}<br>{fidelity} ({r.fidelity_metric}) · {tokens}"
         )
         if r.touched_blocks == 0:
@@ -827,7 +833,7 @@ class TokensPanel(QWidget):
         self.bar_plot.addItem(self.bars)
         labels = r.layer_labels or [str(i) for i in range(len(counts))]
         step = max(1, len(labels) // 12)
-        ticks = [(i, labels[i] if len(labels[i]) < 8 else str(i)) for i in range(0, len(labels), step)]
+        ticks = [(i, str(i)) for i in range(0, len(labels), step)]  # full names: the group view's label
         self.bar_plot.getPlotItem().getAxis("bottom").setTicks([ticks])
         self.bar_plot.getPlotItem().setYRange(0, max(counts + [1]) * 1.05)
 

@@ -2,6 +2,7 @@
 
     Xvfb :99 -screen 0 1600x1000x24 &
     DISPLAY=:99 .venv/bin/python packaging/screenshot.py resources/screenshots/main-window.png
+    DISPLAY=:99 .venv/bin/python packaging/screenshot.py --tokens resources/screenshots/tokens-panel.png
 
 Builds the demo family in a temporary MERGESTUDIO_HOME, lets the app set up its
 TIES recipe, gives one model's density a per-layer curve (separate attention and
@@ -31,7 +32,51 @@ def _wait(app, condition, timeout_s: float = 120) -> None:
         time.sleep(0.01)
 
 
+def tokens_shot(app, window, home: Path, target: Path) -> None:
+    """The Tokens panel on a ViT-B/16-shaped model (random weights): a sample picture, ToMe variants, a sweep."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    folder = home / "vision-models"
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072)
+    ViTModel(config).eval().save_pretrained(folder / "vit-b16-random")
+    window.library_panel.add_folder(folder)
+    _wait(app, lambda: window.library.get(folder / "vit-b16-random") is not None)
+    panel = window.tokens
+    window.workspace.setCurrentWidget(panel)
+    panel.select_model(str(folder / "vit-b16-random"))
+    _wait(app, lambda: panel.measurements >= 1 and panel.idle(), 300)
+    for r in (8, 15):
+        panel.option_row("r").spin.setValue(r)
+        _wait(app, lambda: panel.last_result.options.get("r") == r and panel.idle(), 300)
+        panel.keep_variant()
+    done = panel.measurements
+    panel.start_sweep([0, 4, 8, 12, 15])
+    _wait(app, lambda: panel.measurements > done and panel.idle(), 600)
+    panel.option_row("r").spin.setValue(13)  # the ToMe paper's ViT-B setting
+    _wait(app, lambda: panel.last_result.options.get("r") == 13 and panel.idle(), 300)
+    panel.layer_slider.setValue(panel.layer_slider.maximum())
+    panel.bottom_tabs.setCurrentIndex(1)
+    _grab(app, window, target)
+
+
+def _grab(app, window, target: Path) -> None:
+    for _ in range(50):
+        app.processEvents()
+        time.sleep(0.02)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    screen = window.screen()
+    pixmap = screen.grabWindow(window.winId()) if os.environ.get("DISPLAY") and screen is not None else window.grab()
+    pixmap.save(str(target))
+    print(f"saved {target} ({pixmap.width()}x{pixmap.height()})")
+
+
 def main() -> int:
+    tokens = "--tokens" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--tokens"]
+    sys.argv = [sys.argv[0], *args]
     target = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "resources" / "screenshots" / "main-window.png")
     home = Path(tempfile.mkdtemp(prefix="mergestudio-shot-"))
     os.environ["MERGESTUDIO_HOME"] = str(home)
@@ -49,6 +94,12 @@ def main() -> int:
     window.resize(1560, 960)
     window.show()
     _wait(app, lambda: window.sessions.session is not None)
+    if tokens:
+        window.sessions.rename_session("Token merging on a ViT")
+        tokens_shot(app, window, home, target)
+        window.confirm_quit = False
+        window.close()
+        return 0
     window.sessions.rename_session("Demo: TIES of chat + code")
     window.create_demo_models()
     _wait(app, lambda: len(window.doc.slots) == 3)

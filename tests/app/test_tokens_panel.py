@@ -86,7 +86,7 @@ def test_moving_the_slider_updates_figures_chart_and_groups(qtbot, make_window, 
     second = panel.last_result
     assert second.tokens_per_layer[-1] < first.tokens_per_layer[-1]
     assert panel.bar_heights() == [float(t) for t in second.tokens_per_layer]
-    assert "faster" in panel.figures.text() and "cosine" in panel.figures.text()
+    assert "speed-up" in panel.figures.text() and "cosine" in panel.figures.text()
     assert second.touched_blocks > 0 and "layers/blocks merged" in panel.blocks_label.text()
     # The group view: as many groups as the last layer leaves tokens (the class token is not drawn).
     assert panel.layer_slider.value() == panel.layer_slider.maximum()

@@ -209,8 +209,11 @@ class _OptionRow(QWidget):
             slider_hi = float(hi) if hi is not None else max(slider_lo + 1.0, float(self.spin.value()) * 2 or 16.0)
             self._span = (slider_lo, slider_hi)
             if self.kind in ("int", "r"):
-                self.slider.setRange(int(slider_lo), int(slider_hi))
-                self.spin.setRange(int(lo) if lo is not None else -(2**31), int(hi) if hi is not None else 2**31 - 1)
+                top = 2**31 - 1  # Qt's spin boxes and sliders hold 32-bit ints
+                wide = hi is not None and hi > top
+                self.slider.setVisible(not wide)  # a seed's 64-bit span is typed, not slid
+                self.slider.setRange(int(max(slider_lo, -top)), int(min(slider_hi, top)))
+                self.spin.setRange(int(lo) if lo is not None else -top, int(min(hi, top)) if hi is not None else top)
             else:
                 self.slider.setRange(0, _STEPS)
                 self.spin.setRange(float(lo) if lo is not None else -1e9, float(hi) if hi is not None else 1e9)
@@ -218,7 +221,10 @@ class _OptionRow(QWidget):
             shown_lo = "−∞" if lo is None else f"{lo:g}"
             shown_hi = "∞" if hi is None else f"{hi:g}"
             self.range_label.setText(f"[{shown_lo}, {shown_hi}]")
-            self.range_label.setToolTip("The legal range for this model and input, as the engine computes it")
+            tip = "The legal range for this model and input, as the engine computes it"
+            if self.kind in ("int", "r") and hi is not None and hi > 2**31 - 1:
+                tip += f"; this box takes values up to {2**31 - 1} (use the Python API for larger ones)"
+            self.range_label.setToolTip(tip)
         finally:
             self._updating = False
 

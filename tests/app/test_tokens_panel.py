@@ -193,3 +193,29 @@ def test_runs_are_in_the_session_after_a_restart(qtbot, make_window, token_model
     again.tokens.restore_run(0)
     qtbot.waitUntil(lambda: again.tokens.measurements >= 1 and again.tokens.idle(), timeout=60000)
     assert again.tokens.last_result.options["r"] == 5
+
+
+def test_diffusion_unet_groups_at_a_chosen_block_and_step(qtbot, make_window, tmp_path):
+    from core.tokens import tiny
+
+    folder = tmp_path / "unets"
+    tiny.build("unet", size="small").model.save_pretrained(folder / "tiny-unet")
+    window = make_window()
+    wait_ready(qtbot, window)
+    panel = _panel_ready(qtbot, window, folder, "tiny-unet")
+    _wait_measured(qtbot, panel, 1, timeout=120000)
+    methods = [panel.method_combo.itemData(i) for i in range(panel.method_combo.count())]
+    assert methods == ["tomesd", "todo"]
+    result = panel.last_result
+    assert result.groups is not None and result.groups.kind == "diffusion"
+    assert panel.block_combo.isVisible() and panel.block_combo.count() == len(result.layer_labels)
+    assert panel.option_row("ratio").spin.maximum() == pytest.approx(0.75)  # 1 - 1/(sx*sy), from the engine
+    # Another step: the measured forward runs at that timestep.
+    panel.step_spin.setValue(900)
+    panel.step_spin.editingFinished.emit()
+    done = panel.measurements
+    qtbot.waitUntil(lambda: panel.measurements > done and panel.idle(), timeout=120000)
+    assert panel.last_request.timestep == 900
+    h, w = panel.last_result.groups.grid
+    assert 0 < panel.shown_groups() < h * w  # ratio 0.5 merged tokens of the shown block into fewer groups
+    assert panel.group_image.pixmap() is not None and not panel.group_image.pixmap().isNull()

@@ -14,6 +14,7 @@ session.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from app.workers import GeneratorWorker
 
 UPDATE_DELAY_MS = 400
 _STEPS = 1000
+_DECIMALS = 3  # what a float option's value box holds
 DISK_IMAGE = "Image from disk…"
 _DEFAULT_CHOICE = "(engine default)"
 
@@ -72,6 +74,8 @@ class Request:
     options: dict
     group_block: Optional[int] = None
     sweep: Optional[tuple[str, list]] = None
+    group_block_name: Optional[str] = None  # diffusion: the block to show, by name (its index changes with the setting)
+    session_id: Optional[int] = None  # the session that was open when the measurement was asked for
 
 
 @dataclass
@@ -103,7 +107,7 @@ def _measure(request: Request, cache: _Cache):
         cache.work_key = key
     ranges = lab.legal_ranges(cache.model, cache.work, request.method, request.options)
     yield ("ranges", cache.model.kind, ranges)
-    beyond = _beyond(request.options, ranges)
+    beyond = _beyond(request.options, ranges, _choice_names(request.method))
     if beyond:  # e.g. the default r of a new model, or a shorter sentence: the panel says so and moves the control
         return ("adjust", request, beyond)
     if request.sweep is not None:
@@ -112,19 +116,45 @@ def _measure(request: Request, cache: _Cache):
             cache.model, cache.work, request.method, request.options, name, values, collect_garbage=False
         )
         return ("sweep", request, results)
+    block = request.group_block
+    if cache.model.kind == "unet" and request.group_block_name is not None:
+        block = _block_index(cache.model, request.method, request.options, request.group_block_name)
     result = yield from lab.iter_evaluate(
-        cache.model, cache.work, request.method, request.options, group_block=request.group_block,
+        cache.model, cache.work, request.method, request.options, group_block=block,
         collect_garbage=False,  # the GUI thread collects (app/gc_control.py)
     )
     return ("result", request, result)
 
 
-def _beyond(options: dict, ranges: dict) -> dict:
-    """Options outside their legal range for this model and input: name -> (value, nearest legal value)."""
+def _choice_names(method: str) -> frozenset:
+    """The options of ``method`` that are choices (their legal values are a list, never a range)."""
+    import core.tokens
+
+    spec = next((m for m in core.tokens.methods() if m["name"] == method), None)
+    return frozenset(p["name"] for p in (spec or {}).get("parameters", []) if p["type"] == "choice")
+
+
+def _block_index(model: Any, method: str, options: dict, name: str) -> Optional[int]:
+    """The index of the patched block called ``name`` under this setting (None: not patched, show the first)."""
+    from core import tokens
+
+    handle = tokens.apply(model.model, method=method, **options)  # hooks only, no forward
+    try:
+        names = handle.block_names()
+    finally:
+        handle.remove()
+    return names.index(name) if name in names else None
+
+
+def _beyond(options: dict, ranges: dict, choices: frozenset = frozenset()) -> dict:
+    """Options outside their legal range for this model and input: name -> (value, nearest legal value).
+
+    ``choices`` name options whose legal values are a list of choices, not a (low, high) range.
+    """
     out = {}
     for name, value in options.items():
         bounds = ranges.get(name)
-        if not (isinstance(bounds, tuple) and len(bounds) == 2) or isinstance(value, bool):
+        if name in choices or not (isinstance(bounds, tuple) and len(bounds) == 2) or isinstance(value, bool):
             continue
         if not isinstance(value, (int, float)):
             continue
@@ -155,6 +185,7 @@ class _OptionRow(QWidget):
         self.spin: Any = None
         self.check: Optional[QCheckBox] = None
         self.combo: Optional[QComboBox] = None
+        self.auto: Optional[QCheckBox] = None  # "default": a number the engine chooses when left unset
         self.range_label = QLabel()
         self.range_label.setObjectName("muted")
         default = spec.get("default")
@@ -182,7 +213,7 @@ class _OptionRow(QWidget):
                 self.spin.setRange(-(2**31), 2**31 - 1)
             else:
                 self.spin = QDoubleSpinBox()
-                self.spin.setDecimals(3)
+                self.spin.setDecimals(_DECIMALS)
                 self.spin.setSingleStep(0.01)
                 self.spin.setRange(-1e9, 1e9)
             self.spin.setKeyboardTracking(False)
@@ -191,6 +222,13 @@ class _OptionRow(QWidget):
             self.spin.valueChanged.connect(self._typed)
             layout.addWidget(self.slider, 1)
             layout.addWidget(self.spin)
+            if default is None and not spec.get("exclusive"):  # e.g. PiToMe's margin: None is the paper's schedule
+                self.auto = QCheckBox("default")
+                self.auto.setToolTip("Leave the value to the engine (this option's default); uncheck to choose one")
+                self.auto.setChecked(True)
+                self.auto.toggled.connect(self._auto_toggled)
+                layout.addWidget(self.auto)
+                self._show_auto(True)
             layout.addWidget(self.range_label)
             self.set_bounds(self.bounds)
 
@@ -205,8 +243,13 @@ class _OptionRow(QWidget):
         self.bounds = (lo, hi)
         self._updating = True
         try:
-            slider_lo = float(lo) if lo is not None else 0.0
-            slider_hi = float(hi) if hi is not None else max(slider_lo + 1.0, float(self.spin.value()) * 2 or 16.0)
+            # A float box holds _DECIMALS decimals: its bounds are rounded inwards, so it never holds a value
+            # beyond the engine's (2/3 would round up to 0.667, which the engine refuses).
+            box_lo, box_hi = (lo, hi) if self.kind in ("int", "r") else _inward(lo, hi)
+            slider_lo = float(box_lo) if box_lo is not None else 0.0
+            slider_hi = (
+                float(box_hi) if box_hi is not None else max(slider_lo + 1.0, float(self.spin.value()) * 2 or 16.0)
+            )
             self._span = (slider_lo, slider_hi)
             if self.kind in ("int", "r"):
                 top = 2**31 - 1  # Qt's spin boxes and sliders hold 32-bit ints
@@ -216,7 +259,7 @@ class _OptionRow(QWidget):
                 self.spin.setRange(int(lo) if lo is not None else -top, int(min(hi, top)) if hi is not None else top)
             else:
                 self.slider.setRange(0, _STEPS)
-                self.spin.setRange(float(lo) if lo is not None else -1e9, float(hi) if hi is not None else 1e9)
+                self.spin.setRange(box_lo if box_lo is not None else -1e9, box_hi if box_hi is not None else 1e9)
             self._place(self.spin.value())
             shown_lo = "−∞" if lo is None else f"{lo:g}"
             shown_hi = "∞" if hi is None else f"{hi:g}"
@@ -239,6 +282,8 @@ class _OptionRow(QWidget):
 
     # -- values -------------------------------------------------------------------
     def value(self) -> Any:
+        if self.auto is not None and self.auto.isChecked():
+            return None
         if self.check is not None:
             return self.check.isChecked()
         if self.combo is not None:
@@ -252,11 +297,22 @@ class _OptionRow(QWidget):
                 self.check.setChecked(bool(value))
             elif self.combo is not None:
                 self.combo.setCurrentIndex(max(0, self.combo.findData(value)))
-            elif value is not None and not isinstance(value, (list, tuple)):
-                self.spin.setValue(value)
-                self._place(value)
+            else:
+                if self.auto is not None:
+                    self.auto.setChecked(value is None)
+                if value is not None and not isinstance(value, (list, tuple)):
+                    self.spin.setValue(value)
+                    self._place(value)
         finally:
             self._updating = False
+
+    def _show_auto(self, auto: bool) -> None:
+        self.slider.setEnabled(not auto)
+        self.spin.setEnabled(not auto)
+
+    def _auto_toggled(self, auto: bool) -> None:
+        self._show_auto(auto)
+        self._emit()
 
     def _slid(self, position: int) -> None:
         if self._updating:
@@ -265,7 +321,7 @@ class _OptionRow(QWidget):
             value: Any = position
         else:
             lo, hi = self._span
-            value = round(lo + (hi - lo) * position / _STEPS, 3)
+            value = round(lo + (hi - lo) * position / _STEPS, _DECIMALS)
         self._updating = True
         self.spin.setValue(value)
         self._updating = False
@@ -310,6 +366,8 @@ class TokensPanel(QWidget):
         self._mode_combo: Optional[QComboBox] = None
         self._plots_ready = False
         self._kind: Optional[str] = None
+        self._closed = False  # the window closed: no more measurements
+        self._input_index = 0  # the input measured last (a cancelled file dialog goes back to it)
 
         self._build()
         self._timer = QTimer(self)
@@ -333,7 +391,8 @@ class TokensPanel(QWidget):
         self.step_spin.setRange(0, 999)
         self.step_spin.setValue(500)
         self.step_spin.setToolTip("Diffusion: the timestep of the measured UNet forward (999 = first, noisiest step)")
-        self.step_spin.editingFinished.connect(self.request_update)
+        self.step_spin.setKeyboardTracking(False)  # typed: on Enter; arrows: at once
+        self.step_spin.valueChanged.connect(self.request_update)
         self.method_combo = QComboBox()
         self.method_combo.activated.connect(self._method_picked)
         self.method_info = QLabel()
@@ -547,6 +606,7 @@ class TokensPanel(QWidget):
         info = self.library.get(Path(path))
         kind = _kind_hint(info)
         self._kind = kind
+        self.ranges = {}  # the last model's ranges do not bound this one's controls
         self._fill_inputs(kind)
         self._fill_methods(kind)
         self.request_update(immediate=True)
@@ -555,6 +615,7 @@ class TokensPanel(QWidget):
         from core.tokens import lab
 
         self.input_combo.clear()
+        self._input_index = 0
         if kind == "vit":
             for path in lab.sample_images():
                 self.input_combo.addItem(f"Sample: {path.stem}", str(path))
@@ -587,6 +648,7 @@ class TokensPanel(QWidget):
             self._method_picked(index)
 
     def _method_picked(self, index: int) -> None:
+        self.ranges = {}  # the last method's ranges do not bound this one's controls
         self._build_options()
         self.request_update()
 
@@ -594,9 +656,11 @@ class TokensPanel(QWidget):
         if self.input_combo.itemText(index) == DISK_IMAGE:
             path, _ = QFileDialog.getOpenFileName(self, "An image", str(Path.home()), "Images (*.png *.jpg *.jpeg *.bmp *.webp)")
             if not path:
+                self.input_combo.setCurrentIndex(self._input_index)  # cancelled: the input stays what it was
                 return
             self.use_image(Path(path))
             return
+        self._input_index = index
         self.request_update()
 
     def use_image(self, path: Path) -> None:
@@ -606,6 +670,7 @@ class TokensPanel(QWidget):
             self.input_combo.insertItem(max(0, self.input_combo.count() - 1), f"File: {path.name}", str(path))
             index = self.input_combo.findData(str(path))
         self.input_combo.setCurrentIndex(index)
+        self._input_index = index
         self.request_update()
 
     def _build_options(self) -> None:
@@ -702,6 +767,7 @@ class TokensPanel(QWidget):
         text = self.text_edit.text().strip() or None
         kind = self._kind or "vit"
         block = self.block_combo.currentData() if kind == "unet" and self.block_combo.count() else None
+        session = getattr(self.sessions, "session", None)
         return Request(
             model_path=Path(path),
             kind_hint=kind,
@@ -713,10 +779,14 @@ class TokensPanel(QWidget):
             options=self.options(),
             group_block=block,
             sweep=sweep,
+            group_block_name=self.block_combo.currentText() if block is not None else None,
+            session_id=getattr(session, "id", None),
         )
 
     def measure_now(self, sweep: Optional[tuple[str, list]] = None) -> None:
         self._timer.stop()
+        if self._closed:
+            return
         if self._worker is not None and self._worker.is_running():
             self._pending = True  # a newer setting: stop this one between two forwards, then measure again
             self._pending_sweep = sweep or self._pending_sweep
@@ -736,10 +806,24 @@ class TokensPanel(QWidget):
         self._worker = worker
         worker.start()
 
+    def stop(self) -> None:
+        """The window closes: nothing more is measured; the running measurement is asked to stop."""
+        self._closed = True
+        self._timer.stop()
+        self._pending = False
+        self._pending_sweep = None
+        if self._worker is not None and self._worker.is_running():
+            self._worker.quit()
+
+    def _superseded(self) -> bool:
+        """A newer setting waits: what the running worker says about its own setting must not move the controls."""
+        return self._pending or self._timer.isActive()
+
     def _progress(self, value: Any) -> None:
         if isinstance(value, tuple) and value and value[0] == "ranges":
             _, kind, ranges = value
-            self._apply_ranges(ranges)
+            if not self._superseded():  # ranges of an older setting would clamp the newer values
+                self._apply_ranges(ranges)
             return
         message = getattr(value, "message", "")
         if message:
@@ -747,10 +831,19 @@ class TokensPanel(QWidget):
 
     def _apply_ranges(self, ranges: dict) -> None:
         self.ranges = dict(ranges)
+        notes = []
         for name, bounds in ranges.items():
             row = self._rows.get(name)
             if row is not None and row.slider is not None and isinstance(bounds, tuple) and len(bounds) == 2:
-                row.set_bounds(bounds)
+                before = row.value()
+                row.set_bounds(bounds)  # a Qt value box moves its value into the new range by itself
+                after = row.value()
+                if before is not None and after != before and not row.isEnabled():
+                    # an option of the other mode (r while measuring by threshold): not measured, but changed
+                    notes.append(f"{name} = {before:g} is beyond what this model and input allow; set to {after:g}.")
+        if notes:
+            self.adjustments = getattr(self, "adjustments", []) + notes
+            self.status_label.setText(" ".join(notes))
 
     def _failed(self, text: str) -> None:
         self.errors += 1
@@ -759,7 +852,7 @@ class TokensPanel(QWidget):
         self.status_label.setText("The last setting could not be measured; the figures shown are from the one before.")
 
     def _worker_done(self) -> None:
-        if self._pending:
+        if self._pending and not self._closed:
             sweep, self._pending_sweep = self._pending_sweep, None
             self._pending = False
             self.measure_now(sweep)
@@ -767,13 +860,27 @@ class TokensPanel(QWidget):
     def _returned(self, payload: Any) -> None:
         what, request, data = payload
         if what == "adjust":
-            notes = []
+            if self._superseded():
+                return  # a newer setting is measured next; it gets its own check
+            notes, stuck = [], []
             for name, (value, legal) in data.items():
-                if name in self._rows:
-                    self._rows[name].set_value(legal)
-                    notes.append(f"{name} = {value:g} is beyond what this model and input allow; set to {legal:g}.")
+                row = self._rows.get(name)
+                if row is not None:
+                    row.set_value(legal)
+                if row is None or _beyond({name: row.value()}, {name: row.bounds}):
+                    # the control cannot hold a legal value: measuring again would only loop
+                    stuck.append(f"{name} = {value:g} (the nearest legal value is {legal:g})")
+                    continue
+                notes.append(f"{name} = {value:g} is beyond what this model and input allow; set to {row.value():g}.")
+            if stuck:
+                self._failed(
+                    f"{' and '.join(stuck)} is beyond what this model and input allow, and the panel's control "
+                    "cannot hold a legal value; set it through the Python API."
+                )
+                return
             self.adjustments = getattr(self, "adjustments", []) + notes
             self._pending = True  # measure again with the legal values, once this worker has ended
+            self._pending_sweep = request.sweep or self._pending_sweep  # a sweep stays a sweep
             self.status_label.setText(" ".join(notes))
             return
         self.error_label.hide()
@@ -859,13 +966,14 @@ class TokensPanel(QWidget):
         self.layer_slider.blockSignals(False)
         diffusion = g.kind == "diffusion"
         self.block_combo.setVisible(diffusion)
-        if diffusion and self.block_combo.count() != len(r.layer_labels):
+        if diffusion:
             self.block_combo.blockSignals(True)
-            self.block_combo.clear()
-            for i, name in enumerate(r.layer_labels):  # the UNet's patched blocks, as the bar chart lists them
-                self.block_combo.addItem(name, i)
-            chosen = self.last_request.group_block if self.last_request is not None else None
-            self.block_combo.setCurrentIndex(max(0, self.block_combo.findData(chosen)))
+            if [self.block_combo.itemText(i) for i in range(self.block_combo.count())] != list(r.layer_labels):
+                self.block_combo.clear()
+                for i, name in enumerate(r.layer_labels):  # the UNet's patched blocks, as the bar chart lists them
+                    self.block_combo.addItem(name, i)
+            shown = self.block_combo.findText(g.labels[0]) if g.labels else -1
+            self.block_combo.setCurrentIndex(max(0, shown))  # the block the view shows
             self.block_combo.blockSignals(False)
 
     def _show_groups(self, *args: Any) -> None:
@@ -935,7 +1043,8 @@ class TokensPanel(QWidget):
         layout.addWidget(picture)
         speed = f"{r.speedup:.2f}×" if r.speedup else "?"
         cosine = f"{r.cosine:.4f}" if r.cosine is not None else "?"
-        layout.addWidget(QLabel(f"speed-up {speed}\ncosine {cosine}\n{r.output_tokens} tokens out"))
+        tokens = f"\n{r.output_tokens:g} tokens out" if r.output_tokens is not None else ""
+        layout.addWidget(QLabel(f"speed-up {speed}\ncosine {cosine}{tokens}"))
         remove = QPushButton("Remove")
         remove.clicked.connect(lambda: self._remove_variant(card, r))
         layout.addWidget(remove)
@@ -961,11 +1070,12 @@ class TokensPanel(QWidget):
             hi = int(hi if hi is not None else max(lo + n, 8))
             values = sorted({round(lo + (hi - lo) * i / (n - 1)) for i in range(n)})
         else:
+            lo, hi = _inward(lo, hi)  # legal values the panel's box can show too
             lo = float(lo if lo is not None else 0.0)
             hi = float(hi if hi is not None else 1.0)
             if main == "threshold":
                 lo = max(lo, 0.5)
-            values = [round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)]
+            values = list(dict.fromkeys(round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)))  # each once
         return main, values
 
     def start_sweep(self, values: Optional[list] = None) -> None:
@@ -1040,16 +1150,18 @@ class TokensPanel(QWidget):
         store, session = getattr(sessions, "store", None), getattr(sessions, "session", None)
         if store is None or session is None:
             return
+        # The session that was open when the measurement was asked for (another may be open by now).
+        session_id = request.session_id if request.session_id is not None else session.id
         images: list[str] = []
         try:
             if view is not None and not view.isNull():
-                folder = store.token_views_dir(session.id)
+                folder = store.token_views_dir(session_id)
                 path = Path(folder) / f"view-{time.strftime('%Y%m%d-%H%M%S')}-{self.measurements}.png"
                 if view.save(str(path)):
                     images.append(str(path))
             info = self.library.get(request.model_path)
             store.add_token_run(
-                session.id,
+                session_id,
                 model_path=str(request.model_path),
                 model_name=getattr(info, "name", request.model_path.name),
                 method=result.method,
@@ -1058,6 +1170,8 @@ class TokensPanel(QWidget):
                 images=images,
             )
         except (MergeStudioError, OSError) as exc:
+            for image in images:  # no picture of a run the session does not hold
+                Path(image).unlink(missing_ok=True)
             self.problem.emit(f"This measurement was not saved in the session: {exc}")
             return
         self.refresh_runs()
@@ -1091,6 +1205,15 @@ class TokensPanel(QWidget):
     def restore_run(self, row: int) -> None:
         """Set up an earlier measurement of this session again (model, method, options)."""
         run = self.token_runs[row]
+        method, info = self._methods.get(run.method), self.library.get(Path(run.model_path))
+        problem = _unshowable(method, run.method, run.options)
+        if problem is None and method is not None and info is not None and not _method_fits(method, _kind_hint(info)):
+            problem = f"That run's method {run.method} does not apply to {info.name}, so the panel cannot set it up."
+        if problem is not None:  # refused whole: half of it set up would be measured as if it were that run
+            self.error_label.setText(problem)
+            self.error_label.show()
+            self.status_label.setText("That run was not set up again; the controls are as they were.")
+            return
         if not self.select_model(run.model_path):
             self._failed(f"The model of that run is not in the library any more: {run.model_path}.")
             return
@@ -1104,7 +1227,16 @@ class TokensPanel(QWidget):
 
 
 # -- helpers --------------------------------------------------------------------------
+def _inward(lo: Optional[float], hi: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+    """Float bounds rounded inwards to what a value box of _DECIMALS decimals holds (None stays unbounded)."""
+    scale = 10**_DECIMALS
+    low = None if lo is None else math.ceil(round(float(lo) * scale, 6)) / scale
+    high = None if hi is None else math.floor(round(float(hi) * scale, 6)) / scale
+    return low, high
+
+
 _VISION = ("ViT", "DeiT", "CLIPVision")
+_VISION_TYPES = ("vit", "deit", "clip", "clip_vision_model")  # model types core.tokens.lab loads as vision models
 _TEXT = ("Bert", "Roberta", "MiniLM")
 
 
@@ -1124,7 +1256,8 @@ def _kind_hint(info: Any) -> str:
     arch = f"{getattr(info, 'architecture', '')} {getattr(info, 'model_type', '') or ''}"
     if getattr(info, "kind", "") == "diffusers" or "UNet2DCondition" in arch:
         return "unet"
-    if any(k in arch for k in _VISION) or "vit" in arch.lower().split():
+    vision_type = (getattr(info, "model_type", None) or "") in _VISION_TYPES  # a CLIPModel: its vision tower
+    if vision_type or any(k in arch for k in _VISION) or "vit" in arch.lower().split():
         return "vit"
     if any(k in arch for k in _TEXT) or "bert" in arch.lower():
         return "bert"
@@ -1137,6 +1270,39 @@ def _method_fits(method: dict, kind: str) -> bool:
     if kind == "unet":
         return diffusion
     return not diffusion
+
+
+def _unshowable(method: Optional[dict], name: str, options: dict) -> Optional[str]:
+    """Why the panel's controls cannot hold ``options`` of method ``name`` (None: they can), in one sentence."""
+    if method is None:
+        return f"That run used the method {name!r}, which this Merge Studio does not offer."
+    params = {p["name"]: p for p in method["parameters"]}
+    top = 2**31 - 1  # Qt's spin boxes hold 32-bit ints
+    for option, value in options.items():
+        p = params.get(option)
+        if option == "trace_source":
+            continue  # the panel always traces what it shows
+        if p is None:
+            return f"That run's option {option}={value!r} is not an option of {name}; the panel cannot set it up."
+        kind = p["type"]
+        if value is None:
+            fits, takes = p.get("default") is None, "a value"
+        elif kind == "bool":
+            fits, takes = isinstance(value, bool), "true or false"
+        elif kind == "choice":
+            fits, takes = value in (p.get("choices") or []), f"one of {', '.join(map(str, p.get('choices') or []))}"
+        elif kind in ("int", "r"):
+            fits = isinstance(value, int) and not isinstance(value, bool) and -top - 1 <= value <= top
+            takes = f"one whole number up to {top}"
+        else:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            takes = "one finite number"
+        if not fits:
+            return (
+                f"That run's {option} = {value!r} cannot be set in the panel, whose {option} control takes {takes}; "
+                "use the run's options with the Python API (core.tokens.apply)."
+            )
+    return None
 
 
 def _user_options(options: dict) -> dict:

@@ -636,6 +636,7 @@ class MainWindow(QMainWindow):
         for job in running:
             job.stop()
         self.library_panel.stop()
+        self.tokens.stop()  # no measurement starts once the window closes
         # Each job's own answer first (a merge process may have written its output just before Stop)...
         if not all(job.worker is None or job.worker.wait(CLOSE_GRACE_MS) for job in running):
             for job in running:  # a merge process that did not stop in time is killed: it leaves nothing

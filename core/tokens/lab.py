@@ -820,7 +820,7 @@ def _lab_result(
         notes.insert(0, _no_change(model, method, options, stats, inputs))
     return LabResult(
         method=method,
-        options=bench._jsonable(options),
+        options=dict(options),  # as given: a tuple is an (r, inflection) pair, a list one r per layer
         speedup=result["speedup"],
         time_plain_s=result["time_plain_s"],
         time_merged_s=result["time_merged_s"],

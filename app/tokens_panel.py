@@ -1166,7 +1166,7 @@ class TokensPanel(QWidget):
                 model_name=getattr(info, "name", request.model_path.name),
                 method=result.method,
                 options=_user_options(dict(result.options)),
-                figures=result.figures(),
+                figures={**result.figures(), "input": _input_of(request)},
                 images=images,
             )
         except (MergeStudioError, OSError) as exc:
@@ -1223,10 +1223,41 @@ class TokensPanel(QWidget):
                 if self._mode_combo is not None and self._mode_combo.findData(name) >= 0:
                     self._mode_combo.setCurrentIndex(self._mode_combo.findData(name))
                 self._rows[name].set_value(value)
+        self._restore_input((run.figures or {}).get("input") or {})
         self.request_update(immediate=True)
+
+    def _restore_input(self, saved: dict) -> None:
+        """The input the run was measured on: its image (if the file is still there), text or prompt, and step."""
+        image = saved.get("image")
+        if image:
+            if Path(image).is_file():
+                index = self.input_combo.findData(image)
+                if index < 0:
+                    self.input_combo.insertItem(max(0, self.input_combo.count() - 1), f"File: {Path(image).name}", image)
+                    index = self.input_combo.findData(image)
+                self.input_combo.setCurrentIndex(index)
+            else:
+                self.status_label.setText(f"That run's image {image} is gone; measuring on the current input.")
+        text = saved.get("text") or saved.get("prompt")
+        if text:
+            self.text_edit.setText(text)
+        if isinstance(saved.get("timestep"), int):
+            self.step_spin.blockSignals(True)
+            self.step_spin.setValue(saved["timestep"])
+            self.step_spin.blockSignals(False)
 
 
 # -- helpers --------------------------------------------------------------------------
+def _input_of(request: "Request") -> dict:
+    """What a run was measured on, kept with its figures so restoring it measures the same input."""
+    return {
+        "image": str(request.image) if request.image else None,
+        "text": request.text,
+        "prompt": request.prompt,
+        "timestep": request.timestep if request.kind_hint == "unet" else None,
+    }
+
+
 def _inward(lo: Optional[float], hi: Optional[float]) -> tuple[Optional[float], Optional[float]]:
     """Float bounds rounded inwards to what a value box of _DECIMALS decimals holds (None stays unbounded)."""
     scale = 10**_DECIMALS

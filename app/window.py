@@ -333,7 +333,7 @@ class MainWindow(QMainWindow):
     def _workspace_state(self) -> dict:
         state = self.doc.to_state()
         state["method"] = self.doc.method_name
-        state["tab"] = self.workspace.currentIndex()
+        state["tab"] = self.workspace.tabText(self.workspace.currentIndex())  # by name: tabs are added over releases
         state["library_filter"] = self.library_panel.filter_edit.text()
         return state
 
@@ -344,7 +344,10 @@ class MainWindow(QMainWindow):
             self._auto_output = None
             return
         self.doc.restore_state(state)
-        self.workspace.setCurrentIndex(int(state.get("tab", 0) or 0))
+        tab = state.get("tab")
+        names = [self.workspace.tabText(i) for i in range(self.workspace.count())]
+        if isinstance(tab, str) and tab in names:
+            self.workspace.setCurrentIndex(names.index(tab))
         self.library_panel.filter_edit.setText(state.get("library_filter") or "")
 
     def _doc_changed(self, what: str) -> None:

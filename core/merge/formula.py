@@ -64,6 +64,10 @@ def formula_text(doc: "RecipeDocument") -> str:
         return _nuslerp(doc)
     if name in _TASK_VECTOR_NOTES:
         return _task_vectors(doc)
+    if name == "widen":
+        return _widen(doc)
+    if name == "mwa":
+        return _mwa(doc)
     return _generic(doc)
 
 
@@ -133,6 +137,47 @@ def _task_vectors(doc: "RecipeDocument") -> str:
     if note and "density" in note:
         note += f"; density {', '.join(sorted(densities))}"
     return f"{doc.method.display_name}: {text}" + (f" — {note}" if note else "")
+
+
+def _widen(doc: "RecipeDocument") -> str:
+    if doc.base_index is None:
+        return "WIDEN needs a base model: mark one model as base."
+    base = doc.slots[doc.base_index].name
+    others = [doc.slots[i].name for i in range(len(doc.slots)) if i != doc.base_index]
+    if len(others) < 2:
+        return f"WIDEN merges two or more models into {base}: add models."
+    terms = " + ".join(f"S_{n} × ({n} − {base})" for n in others)
+    keys = ("temperature", "above_average_value_ratio", "score_calibration_value")
+    tau, t, s = (value_text(doc.param_value(k)) for k in keys)
+    return (
+        f"WIDEN: {base} + {terms}, per column in magnitude and direction — S = softmax over the models "
+        f"of each one's ranked change (temperature {tau}); a score above {t} × average becomes {s}"
+    )
+
+
+def _mwa(doc: "RecipeDocument") -> str:
+    from core.merge.methods.mwa import metric_weights
+
+    metric = str(doc.param_value("metric"))
+    names = [doc.slots[i].name for i in range(len(doc.slots))]
+    values = [doc.param_value(metric, i) for i in range(len(doc.slots))]
+    missing = [n for n, v in zip(names, values) if v is None]
+    if missing:
+        return f"Metrics-Weighted Averaging needs the {metric} of every checkpoint: set it for {', '.join(missing)}."
+    rule = "lower loss weighs more" if metric == "loss" else "later step weighs more"
+    penalty = doc.param_value("penalty")
+    normalize = bool(doc.param_value("normalize"))
+    p, scalars = _scalar(penalty), [_scalar(v) for v in values]
+    if p is not None and all(v is not None and v > 0 for v in scalars):
+        weights = metric_weights(scalars, metric, p, normalize)  # type: ignore[arg-type]
+        terms = " + ".join(f"{_num(w)} × {n}" for w, n in zip(weights, names))
+        return f"{terms} — weights from each {metric}, penalty {_num(p)} ({rule})"
+    power = "^-p" if metric == "loss" else "^p"
+    share = " ÷ their sum" if normalize else ""
+    return (
+        f"Weighted average of {', '.join(names)} — weights {metric}{power}{share}, "
+        f"p = {value_text(penalty)} ({rule})"
+    )
 
 
 def _generic(doc: "RecipeDocument") -> str:

@@ -190,9 +190,11 @@ def test_runs_are_in_the_session_after_a_restart(qtbot, make_window, token_model
     assert again.tokens.runs_table.rowCount() == len(runs)
     assert again.tokens.token_runs[0].options["r"] == 5
     qtbot.waitUntil(lambda: again.library.get(token_models / "tiny-vit") is not None, timeout=20000)
+    assert again.tokens.token_runs[0].figures["input"]["image"].endswith(".png")
     again.tokens.restore_run(0)
     qtbot.waitUntil(lambda: again.tokens.measurements >= 1 and again.tokens.idle(), timeout=60000)
     assert again.tokens.last_result.options["r"] == 5
+    assert again.tokens.last_request.image == Path(runs[0].figures["input"]["image"])  # the same picture again
 
 
 def test_diffusion_unet_groups_at_a_chosen_block_and_step(qtbot, make_window, tmp_path):

@@ -26,6 +26,8 @@ _FAMILIES = (
     "arcee_fusion",
     "ram",
     "passthrough",
+    "widen",
+    "mwa",
 )
 
 _METHODS: dict[str, MergeMethod] = {}

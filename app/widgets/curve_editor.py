@@ -175,6 +175,29 @@ class CurveEditor(QWidget):
         self.reset_button.clicked.connect(self._on_reset)
 
     # -- public API -------------------------------------------------------------------
+    def set_blocks(self, names: Optional[list[str]], bands: Optional[list[tuple[int, int, str]]] = None) -> None:
+        """Block mode (Stable Diffusion block weights): x positions are the named blocks, shaded in bands
+        such as IN / MID / OUT; attention/MLP curves do not apply. ``None`` goes back to layer mode."""
+        import pyqtgraph as pg
+
+        self._block_names = list(names) if names else None
+        for region in getattr(self, "_bands", []):
+            self.plot.getPlotItem().removeItem(region)
+        self._bands = []
+        if names:
+            shades = ("#4c9be822", "#f0a35e22", "#7ccf7c22")
+            for k, (start, end, text) in enumerate(bands or []):
+                region = pg.LinearRegionItem((start - 0.5, end + 0.5), movable=False, brush=shades[k % len(shades)])
+                region.setZValue(-10)
+                for line in region.lines:
+                    line.setPen(pg.mkPen(None))
+                label = pg.InfLineLabel(region.lines[0], text, position=0.95, anchors=[(0, 0), (0, 0)])
+                del label  # owned by its line
+                self.plot.getPlotItem().addItem(region)
+                self._bands.append(region)
+        self.split_check.setVisible(not names)
+        self.plot.getPlotItem().setLabel("bottom", "block" if names else "layer")
+
     def set_curves(
         self, curves: LayerCurves, n_layers: int, value_range: tuple[float, float], label: str
     ) -> None:
@@ -192,8 +215,13 @@ class CurveEditor(QWidget):
             self._selected = "default"
         item = self.plot.getPlotItem()
         item.setLabel("left", label)
-        step = max(1, -(-self._n // _MAX_TICK_LABELS))
-        major = [(i, str(i)) for i in range(0, self._n, step)]
+        names = getattr(self, "_block_names", None)
+        if names and len(names) == self._n:
+            step = 2 if self._n > 16 else 1
+            major = [(i, names[i]) for i in range(0, self._n, step)]
+        else:
+            step = max(1, -(-self._n // _MAX_TICK_LABELS))
+            major = [(i, str(i)) for i in range(0, self._n, step)]
         item.getAxis("bottom").setTicks([major, [(i, "") for i in range(self._n)]])
         for line, value in zip(self._edges, (lo, hi)):
             line.setValue(value)
@@ -380,7 +408,9 @@ class CurveEditor(QWidget):
         layer = min(self._n - 1, max(0, int(round(point.x()))))
         t = layer / (self._n - 1) if self._n > 1 else 1.0
         group = min(self._curves.groups(), key=lambda g: abs(g.curve.value_at(t) - point.y()))
-        text = f"layer {layer}: {group.curve.value_at(t):.3g}"
+        names = getattr(self, "_block_names", None)
+        where = names[layer] if names and len(names) == self._n else f"layer {layer}"
+        text = f"{where}: {group.curve.value_at(t):.3g}"
         if self._curves.split:
             text += f" ({group.label})"
         self.hover_label.setText(text)

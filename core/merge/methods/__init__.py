@@ -26,6 +26,7 @@ _FAMILIES = (
     "arcee_fusion",
     "ram",
     "passthrough",
+    "a1111",
     "widen",
     "mwa",
 )

@@ -9,7 +9,9 @@ fine-tune (small changes) and a continually pre-trained model (large ones): no
 manual weights, each model's share is computed per column from how much that
 column changed, ranked within the tensor so that the two scales compare.
 
-Per 2-D tensor, with base ``B`` and models ``W_1..W_N`` (N >= 2), column ``j``:
+Per 2-D tensor as stored, with base ``B`` and models ``W_1..W_N`` (N >= 2),
+column ``j`` (a torch Linear stores ``[out, in]``, so one column per input
+feature; GPT-2's Conv1D stores ``[in, out]``, so there one per output):
 
 1. disentangle: magnitude ``m[j] = ||W[:, j]||`` (the norm over the rows) and
    direction ``D[:, j] = W[:, j] / m[j]`` (0 where ``m[j] = 0``);
@@ -27,7 +29,8 @@ Per 2-D tensor, with base ``B`` and models ``W_1..W_N`` (N >= 2), column ``j``:
    average score) ``S_n`` becomes ``s``;
 5. fuse, magnitude and direction with their own scores:
    ``m = m_B + sum_n S^M_n (m_n - m_B)``, ``D = D_B + sum_n S^D_n (D_n - D_B)``,
-   ``merged[:, j] = m[j] * D[:, j]`` (the fused direction is not renormalised).
+   ``merged[:, j] = m[j] * D[:, j]`` (the fused direction is not renormalised),
+   computed as ``B + (m * D - m_B * D_B)``: the base plus the fused change.
 
 ``t`` is ``above_average_value_ratio`` and ``s`` is ``score_calibration_value``
 (both 1.0 by default, as in the authors' release); ``tau`` (``temperature``,
@@ -152,7 +155,8 @@ def widen_matrix(base: Tensor, others: list[Tensor], params: dict) -> Tensor:
     for i, (m, d) in enumerate(zip(mags, dirs)):
         magnitude += s_mag[i] * (m - m_b)
         direction += s_dir[i] * (d - d_b)
-    return direction * magnitude
+    # m * D, written as the base plus the change so that unchanged models give the base bit for bit.
+    return base + (direction * magnitude - d_b * m_b)
 
 
 def widen_elements(base: Tensor, others: list[Tensor], params: dict) -> Tensor:

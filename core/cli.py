@@ -14,6 +14,7 @@ app through ``app/launcher.py``, which calls this for everything else):
     mergestudio models demo [DEST] [--json]
     mergestudio sessions list [--json]                          (see core/sessions/cli.py)
     mergestudio sessions show ID [--json]
+    mergestudio lora merge|combine|extract|show ...             (see core/lora/cli.py)
 
 Exit status 0 on success; otherwise 1 (bad input, one line on stderr), 130
 (cancelled with Ctrl-C) or 2 (usage). ``--debug`` shows tracebacks.
@@ -140,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     from core.sessions.cli import add_parser as add_sessions_parser  # mergestudio sessions list|show
 
     add_sessions_parser(sub)
+
+    from core.lora.cli import add_parser as add_lora_parser  # mergestudio lora merge|combine|extract|show
+
+    add_lora_parser(sub)
     return parser
 
 
@@ -243,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         # `mergestudio` with no arguments opens the app (app/launcher.py); here, in
         # the headless engine, options without a command are a usage mistake.
-        print("mergestudio: error: give a command (merge, check, methods, tokens, models, sessions); "
+        print("mergestudio: error: give a command (merge, check, methods, tokens, models, sessions, lora); "
               "run mergestudio without arguments to open the app.", file=sys.stderr)
         return 2
     try:
@@ -261,6 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_sessions(args)
         if args.command == "tokens":
             return _tokens_bench(args)
+        if args.command == "lora":
+            from core.lora.cli import run as run_lora
+
+            return run_lora(args)
         return _methods(args)
     except BrokenPipeError:
         # The reader went away (`mergestudio methods | head`): not an error.
@@ -348,10 +357,18 @@ def plan_summary(plan: Any, output: Optional[Path]) -> dict[str, Any]:
     parent = Path(output).absolute().parent if output is not None else Path.cwd()
     free = shutil.disk_usage(parent).free if parent.exists() else None
     layers = sorted({op.layer for op in plan.ops if op.layer is not None})
+    hooks = getattr(plan, "hooks", None)
     return {
         "method": plan.method.name,
         "models": [
-            {"ref": m.ref, "path": str(m.source.path), "kind": m.source.kind, "layers": m.layout.count}
+            {
+                "ref": m.ref,
+                "path": str(m.source.path),
+                "kind": m.source.kind,
+                "layers": m.layout.count,
+                "role": getattr(m, "role", "input"),
+                "stable_diffusion": m.sd.to_dict() if getattr(m, "sd", None) is not None else None,
+            }
             for m in plan.models
         ],
         "tensors": len(plan.ops),
@@ -363,6 +380,23 @@ def plan_summary(plan: Any, output: Optional[Path]) -> dict[str, Any]:
         "free_disk_bytes": free,
         "out_dtype": sorted({op.out_dtype for op in plan.ops}),
         "notes": plan.notes,
+        "stable_diffusion": _sd_summary(hooks),
+        "block_weights": getattr(plan, "block_weights", None),
+    }
+
+
+def _sd_summary(hooks: Any) -> Optional[dict[str, Any]]:
+    """The Stable Diffusion side of a plan: kind, layout, A1111 options (None for other models)."""
+    if hooks is None or not hooks.is_sd:
+        return None
+    return {
+        "kind": hooks.kind,
+        "layout": hooks.layout,
+        "unet_in_channels": hooks.out_channels,
+        "inpainting_merge": hooks.inpainting_merge,
+        "vae": hooks.vae_ref,
+        "drop": hooks.drop,
+        "ema": hooks.ema,
     }
 
 
@@ -388,9 +422,15 @@ def format_plan(plan: Any, recipe_label: str, output: Optional[Path] = None) -> 
         f"Method: {plan.method.display_name} ({plan.method.name})  {plan.method.paper}",
         "Models:",
     ]
-    for m in info["models"]:
+    for m, model in zip(info["models"], plan.models):
         where = "" if m["path"] == m["ref"] else f"  {m['path']}"
-        lines.append(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]{where}")
+        if m["role"] == "vae":
+            lines.append(f"  {m['ref']}  [VAE baked in]{where}")
+        elif m["stable_diffusion"] is not None:
+            lines.append(f"  {m['ref']}  [{model.sd.describe()}]{where}")
+        else:
+            lines.append(f"  {m['ref']}  [{m['kind']}, {m['layers']} layers]{where}")
+    lines.extend(_sd_lines(info))
     ops = ", ".join(f"{n} {k}" for k, n in info["ops"].items())
     lines.append(f"Plan: {info['tensors']} tensors ({ops}), {info['output_layers']} output layers")
     lines.extend(_group_lines(plan))
@@ -401,6 +441,35 @@ def format_plan(plan: Any, recipe_label: str, output: Optional[Path] = None) -> 
         lines.append(f"Free disk {where}: {info['free_disk_bytes'] / 1e9:.1f} GB")
     lines.extend(f"Note: {note}" for note in plan.notes)
     return "\n".join(lines)
+
+
+def _sd_lines(info: dict[str, Any]) -> list[str]:
+    """Stable Diffusion options and the block weights applied, one line per parameter."""
+    sd_info, table = info["stable_diffusion"], info["block_weights"]
+    lines: list[str] = []
+    if sd_info is not None:
+        if sd_info["inpainting_merge"]:
+            lines.append(
+                f"Inpainting merge: model A's {sd_info['unet_in_channels']}-channel first convolution keeps its extra "
+                "channels; the first 4 are merged."
+            )
+        options = []
+        if sd_info["vae"]:
+            options.append(f"VAE baked in from {sd_info['vae']}")
+        if sd_info["drop"]:
+            options.append("drop " + ", ".join(sd_info["drop"]))
+        if sd_info["ema"] != "keep":
+            options.append(f"ema {sd_info['ema']}")
+        if options:
+            lines.append("Options: " + "; ".join(options))
+    if table:
+        lines.append(f"Block weights ({table['architecture']}):")
+        rows = [(name, values) for name, values in table["parameters"].items()]
+        for ref, params in table["models"].items():
+            rows += [(f"{name} [{ref}]", values) for name, values in params.items()]
+        for name, values in rows:
+            lines.append(f"  {name}: " + " ".join(f"{b}={_fmt(v)}" for b, v in values.items()))
+    return lines
 
 
 def _group_lines(plan: Any) -> list[str]:

@@ -255,16 +255,22 @@ def checkpoint_architecture(names: Any) -> tuple[str, Optional[str]]:
 
     SD 1.x has a CLIP text encoder under ``cond_stage_model.transformer``, SD 2.x an
     OpenCLIP one under ``cond_stage_model.model``, SDXL its encoders under
-    ``conditioner.embedders``; anything else is a plain "safetensors checkpoint".
+    ``conditioner.embedders`` (the refiner only OpenCLIP-G); anything else is a
+    plain "safetensors checkpoint". Given ``{name: TensorInfo}``, an inpainting or
+    instruct-pix2pix UNet (9 or 8 input channels) is named as such too.
     """
+    from core.io.sd import KIND_TITLES, detect
+
     keys = list(names)
     has_unet = any(k.startswith(_SD_UNET) for k in keys)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "Stable Diffusion XL", "sdxl"
-    if has_unet and any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "Stable Diffusion 2.x", "sd2"
-    if has_unet and any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "Stable Diffusion 1.x", "sd1"
+    known = any(k.startswith("conditioner.embedders.") for k in keys) or (
+        has_unet and any(k.startswith(("cond_stage_model.model.", "cond_stage_model.transformer.")) for k in keys)
+    )
+    if known:
+        info = detect(names if isinstance(names, dict) else {k: () for k in keys})
+        assert info is not None
+        variant = f" ({info.variant})" if info.variant else ""
+        return KIND_TITLES[info.kind] + variant, info.kind
     if has_unet:
         return "Stable Diffusion UNet", None
     if any(marker in k for k in keys for marker in ("lora_down.", "lora_up.", "lora_A.", "lora_B.")):
@@ -285,7 +291,10 @@ def read_provenance(source: Any) -> Optional[Provenance]:
     """
     metadata = _all_metadata(source)
     if MERGESTUDIO_RECIPE_KEY in metadata:
-        return _yaml_provenance("Merge Studio", metadata[MERGESTUDIO_RECIPE_KEY])
+        found = _yaml_provenance("Merge Studio", metadata[MERGESTUDIO_RECIPE_KEY])
+        if "mergestudio_block_weights" in metadata and found.method is not None:
+            found = Provenance(found.tool, found.method, found.models, found.recipe, found.detail + ", block-weighted")
+        return found
     folder = source.path if source.path.is_dir() else None
     if folder is not None:
         config_file = folder / "mergekit_config.yml"

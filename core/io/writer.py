@@ -9,6 +9,8 @@ does not grow with the shard size (mergekit buffers a whole shard).
 :class:`AtomicOutput` builds the output in a hidden folder beside the target
 and renames it into place only when everything succeeded, so a failed or
 cancelled merge never leaves a half-written model where a good one is expected.
+A single-file output (``-o merged.safetensors``) is written inside the same
+hidden folder and renamed onto the target file at the end.
 """
 
 from __future__ import annotations
@@ -212,18 +214,33 @@ class AtomicOutput:
     """A hidden temporary folder beside ``target``, renamed into place on success.
 
     ``target`` must not exist or be empty unless ``overwrite``; an existing
-    target is replaced only after the new one is complete.
+    target is replaced only after the new one is complete. With ``single_file``
+    (by default: a target named ``*.safetensors``) the target is one file: it is
+    written as ``<temp folder>/<target name>`` (see :attr:`file`) and moved onto
+    the target, replacing an existing file.
     """
 
-    def __init__(self, target: Path, overwrite: bool = False) -> None:
+    def __init__(self, target: Path, overwrite: bool = False, single_file: Optional[bool] = None) -> None:
         self.target = Path(target).absolute()
         self.overwrite = overwrite
+        self.single_file = self.target.suffix == ".safetensors" if single_file is None else single_file
         self.temp: Optional[Path] = None
+
+    @property
+    def file(self) -> Path:
+        """Where a single-file output is written before it is moved into place."""
+        assert self.temp is not None
+        return self.temp / self.target.name
 
     def check(self) -> None:
         """Raise if the target cannot be written; call before any weight is read."""
         target = self.target
-        if target.exists():
+        if self.single_file and target.exists():
+            if target.is_dir():
+                raise MergeStudioError(f"{target}: exists and is a folder, not a file.")
+            if not self.overwrite:
+                raise MergeStudioError(f"{target}: exists; pass --overwrite to replace it.")
+        elif target.exists():
             if not target.is_dir():
                 raise MergeStudioError(f"{target}: exists and is not a folder.")
             if any(target.iterdir()) and not self.overwrite:
@@ -248,7 +265,10 @@ class AtomicOutput:
             shutil.rmtree(self.temp, ignore_errors=True)
             return False
         try:
-            if self.target.exists():
+            if self.single_file:
+                os.replace(self.file, self.target)
+                shutil.rmtree(self.temp, ignore_errors=True)
+            elif self.target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
                 os.rmdir(old)
                 os.rename(self.target, old)

@@ -114,6 +114,8 @@ class LoraFile:
     config: Optional[dict[str, Any]] = None  # PEFT's adapter_config.json
     metadata: dict[str, str] = field(default_factory=dict)
     header: Optional[SafetensorsHeader] = field(default=None, repr=False)
+    # PEFT's copies of targeted embedding layers (save_embedding_layers): module -> key.
+    base_copies: dict[str, str] = field(default_factory=dict)
     _reader: Optional[SafetensorsReader] = field(default=None, repr=False)
 
     @property
@@ -143,7 +145,9 @@ class LoraFile:
             return 1.0
         return alpha / (math.sqrt(module.rank) if module.rslora else module.rank)
 
-    def factors(self, module: LoraModule, dtype: Optional["torch.dtype"] = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(
+        self, module: LoraModule, dtype: Optional["torch.dtype"] = None
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(A, B) as stored, converted to ``dtype`` when given."""
         a, b = self.get(module.down), self.get(module.up)
         if dtype is not None:
@@ -210,7 +214,8 @@ def open_lora(path: str | Path) -> LoraFile:
         if config_path.is_file():
             config = _read_config(config_path)
         elif "lora_adapter_metadata" in header.metadata:
-            config = _parse_config(header.metadata["lora_adapter_metadata"], f"{path} (metadata 'lora_adapter_metadata')")
+            where = f"{path} (metadata 'lora_adapter_metadata')"
+            config = _parse_config(header.metadata["lora_adapter_metadata"], where)
         else:
             raise ModelError(
                 f"{path}: holds PEFT LoRA keys but no adapter_config.json is beside it, so its lora_alpha "
@@ -292,7 +297,11 @@ def _peft(path: Path, weights: Path, config: dict[str, Any], header: Safetensors
     rslora = bool(config.get("use_rslora", False))
     _refuse_unsupported(weights, list(header.tensors))
     groups: dict[str, dict[str, str]] = {}
+    base_copies: dict[str, str] = {}
     for key in header.tensors:
+        if key.endswith(".base_layer.weight"):
+            base_copies[key[: -len(".base_layer.weight")].removeprefix(PEFT_PREFIX)] = key
+            continue
         split = _split(key, _PEFT_PARTS)
         if split is None:
             what = "a trained bias" if key.endswith(".bias") else "a full weight (modules_to_save?)"
@@ -313,7 +322,10 @@ def _peft(path: Path, weights: Path, config: dict[str, Any], header: Safetensors
             weights, header, name, parts, transpose=embedding or fan_in_fan_out, embedding=embedding,
             alpha=float(module_alpha), rslora=rslora,
         )
-    return LoraFile(path, PEFT, weights, modules, config, header.metadata, header)
+    for name, key in base_copies.items():
+        if name not in modules:
+            raise ModelError(f"{weights}: key '{key}' is a full weight of a module the adapter does not adapt.")
+    return LoraFile(path, PEFT, weights, modules, config, header.metadata, header, base_copies)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -347,7 +359,9 @@ def _module(
     down, up = header.tensors[parts["down"]], header.tensors[parts["up"]]
     for info in (down, up):
         if not info.dtype.startswith(("F", "BF")) or info.dtype.startswith("F8"):
-            raise ModelError(f"{file}: '{info.name}' has dtype {info.dtype}; LoRA factors must be float16, bfloat16 or float32.")
+            raise ModelError(
+                f"{file}: '{info.name}' has dtype {info.dtype}; LoRA factors must be float16, bfloat16 or float32."
+            )
     a, b = down.shape, up.shape
     rank = a[0] if a else 0
     ok = len(a) in (2, 4) and len(b) == len(a) and rank > 0 and b[1] == rank
@@ -362,7 +376,8 @@ def _module(
         )
     alpha_key = parts.get("alpha")
     if alpha_key is not None and header.tensors[alpha_key].numel != 1:
-        raise ModelError(f"{file}: '{alpha_key}' should be one number, has shape {list(header.tensors[alpha_key].shape)}.")
+        shape = list(header.tensors[alpha_key].shape)
+        raise ModelError(f"{file}: '{alpha_key}' should be one number, has shape {shape}.")
     return LoraModule(
         name=name,
         down=down.name,

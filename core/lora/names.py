@@ -48,8 +48,6 @@ COMPONENT_PREFIXES: tuple[tuple[str, str, Optional[str]], ...] = (
     ("text_encoder/", "te1", "hf"),
     ("text_encoder_2/", "te2", "hf"),
 )
-# Known SD parts that never take a LoRA (VAE, EMA copies, ...).
-OTHER_PREFIXES = ("first_stage_model.", "vae/", "model_ema.", "conditioner.", "cond_stage_model.")
 
 _RESNET = {
     "in_layers.0": "norm1",
@@ -135,7 +133,8 @@ def diffusers_to_ldm(path: str, layers: int = 2, attention_up_blocks: Iterable[i
     if top is not None:
         return top
     back = {v: k for k, v in _RESNET.items()}
-    m = re.fullmatch(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?", path)
+    parts = r"(resnets|attentions|downsamplers|upsamplers)"
+    m = re.fullmatch(rf"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?{parts}\.(\d+)(?:\.(.*))?", path)
     if not m:
         return None
     kind, block, part, j, rest = m.group(1), m.group(2), m.group(3), int(m.group(4)), m.group(5) or ""
@@ -219,14 +218,18 @@ def is_sd_layout(names: Iterable[str]) -> bool:
 def unet_layers(names: Iterable[str]) -> tuple[int, set[int]]:
     """(resnets per down block, up blocks with attentions), read from tensor names; (2, {}) if unknown."""
     names = list(names)
-    ops = [int(m.group(1)) for n in names if (m := re.search(r"input_blocks\.(\d+)\.0\.op\.", n))]
+    ops = {int(m.group(1)) for n in names if (m := re.search(r"input_blocks\.(\d+)\.0\.op\.", n))}
+    blocks = {int(m.group(1)) for n in names if (m := re.search(r"input_blocks\.(\d+)\.[01]\.(?!op\.)", n))} - {0}
     resnets = [int(m.group(1)) for n in names if (m := re.search(r"down_blocks\.\d+\.resnets\.(\d+)\.", n))]
-    if ops:
-        layers = min(ops) - 1
-    elif resnets:
+    if resnets:
         layers = max(resnets) + 1
     else:
-        layers = 2
+        # ldm: downsamplers sit at multiples of L + 1, resnets and attentions elsewhere.
+        # Every SD model has L = 2; take the first count the names do not contradict.
+        layers = next(
+            (c for c in (2, 1, 3, 4, 5, 6) if all(n % (c + 1) == 0 for n in ops) and all(n % (c + 1) for n in blocks)),
+            2,
+        )
     attn = {int(m.group(1)) for n in names if (m := re.search(r"up_blocks\.(\d+)\.attentions\.", n))}
     return max(layers, 1), attn
 
@@ -238,7 +241,6 @@ class ModelIndex:
         self.tensors = tensors
         self.sd_layout = is_sd_layout(tensors)
         self.layers, self.attention_up = unet_layers(tensors)
-        self.components = {split_component(n, self.sd_layout)[0] for n in tensors}
         # (component, underscore stem) -> targets; "full" keeps each tensor's whole underscore path.
         self.kohya: dict[tuple[Optional[str], str], list[Target]] = {}
         self.full: dict[tuple[Optional[str], str], list[Target]] = {}

@@ -16,16 +16,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from core.errors import MergeStudioError, ModelError
 from core.io.tensors import dtype_name
-from core.io.writer import OutputTensor, _as_bytes, _disk_error, plan_shards
+from core.io.writer import AtomicOutput, OutputTensor, _as_bytes, _disk_error, plan_shards
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+OUTPUT_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Files of the input model that describe how *it* was made, not the output.
 NOT_COPIED = ("README.md", "mergekit_config.yml")
 
@@ -72,6 +74,23 @@ class AtomicFile:
         finally:
             shutil.rmtree(self.temp, ignore_errors=True)
         return False
+
+
+def output_dtype(name: Optional[str], fallback: "torch.dtype") -> "torch.dtype":
+    """--dtype NAME as a torch dtype (float32, float16, bfloat16); ``fallback`` when not given."""
+    import torch
+
+    if name is None:
+        return fallback
+    key = OUTPUT_DTYPES.get(str(name).lower().removeprefix("torch."))
+    if key is None:
+        raise MergeStudioError(f"--dtype {name}: use float32, float16 or bfloat16.")
+    return getattr(torch, key)
+
+
+def atomic_output(target: Path, *, single: bool, overwrite: bool) -> Union[AtomicFile, AtomicOutput]:
+    """An atomic single ``.safetensors`` file, or an atomic folder."""
+    return AtomicFile(target, overwrite) if single else AtomicOutput(target, overwrite)
 
 
 class TensorSpool:
@@ -135,3 +154,84 @@ def check_free_space(target: Path, needed: int) -> None:
         raise MergeStudioError(
             f"{target}: the output needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there."
         )
+
+
+class LoraWriter:
+    """Writes LoRA modules, one at a time, as a PEFT adapter or a kohya file.
+
+    Each module is stored with scale 1 (alpha = its rank): the factors carry
+    the whole update. kohya's ``.alpha`` is a float32 scalar (bfloat16 cannot
+    hold every rank exactly).
+    """
+
+    def __init__(self, fmt: str, folder: Path, dtype: "torch.dtype") -> None:
+        from core.lora.formats import KOHYA, PEFT
+
+        if fmt not in (KOHYA, PEFT):
+            raise ValueError(f"unknown LoRA format {fmt!r}")
+        self.format = fmt
+        self.dtype = dtype
+        self.spool = TensorSpool(folder)
+        self.ranks: dict[str, int] = {}
+
+    def add(self, name: str, a: "torch.Tensor", b: "torch.Tensor", *, embedding: bool = False) -> None:
+        """Module ``name`` (kohya: the key stem with its prefix; PEFT: the module path)."""
+        import torch
+
+        from core.lora.formats import KOHYA, PEFT_PREFIX
+
+        a = a.detach().to("cpu", self.dtype).contiguous()
+        b = b.detach().to("cpu", self.dtype).contiguous()
+        if self.format == KOHYA:
+            self.spool.add(f"{name}.lora_down.weight", a)
+            self.spool.add(f"{name}.lora_up.weight", b)
+            self.spool.add(f"{name}.alpha", torch.tensor(float(a.shape[0]), dtype=torch.float32))
+        elif embedding:
+            self.spool.add(f"{PEFT_PREFIX}{name}.lora_embedding_A", a)
+            self.spool.add(f"{PEFT_PREFIX}{name}.lora_embedding_B", b)
+        else:
+            self.spool.add(f"{PEFT_PREFIX}{name}.lora_A.weight", a)
+            self.spool.add(f"{PEFT_PREFIX}{name}.lora_B.weight", b)
+        self.ranks[name] = int(a.shape[0])
+
+    def finish(self, file: Path, metadata: dict[str, str]) -> None:
+        self.spool.finish(file, metadata)
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+def peft_config(template: Optional[dict], ranks: dict[str, int], **fields: object) -> dict:
+    """adapter_config.json for modules of the given ranks, each with scale 1 (lora_alpha = r).
+
+    The most common rank is ``r``; other modules get ``rank_pattern`` and
+    ``alpha_pattern`` entries (their escaped full paths, which PEFT matches
+    against the end of each module name).
+    """
+    import re
+    from collections import Counter
+
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    others = {re.escape(name): r for name, r in ranks.items() if r != common}
+    config = dict(template or {})
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters"):
+        config.pop(key, None)  # the target list below is complete; these would narrow it
+    config.update(
+        {
+            "peft_type": "LORA",
+            "r": common,
+            "lora_alpha": common,
+            "rank_pattern": others,
+            "alpha_pattern": dict(others),
+            "target_modules": sorted(ranks),
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_dropout": config.get("lora_dropout", 0.0),
+            "bias": "none",
+            "inference_mode": True,
+        }
+    )
+    config["modules_to_save"] = None  # the file holds LoRA factors only
+    config.setdefault("init_lora_weights", True)
+    config.update(fields)
+    return config

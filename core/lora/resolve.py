@@ -85,12 +85,19 @@ def _check_shape(lora: LoraFile, model: ModelSource, app: Application) -> None:
             f"LoRA {lora.path}: module '{app.module.name}' targets '{info.name}' of {model.path}, "
             f"which holds {info.dtype} values, not floating-point weights."
         )
+    copy = lora.base_copies.get(app.module.name)
+    if copy is not None and lora.tensors[copy].shape != info.shape:
+        raise ModelError(
+            f"LoRA {lora.path}: '{copy}' (its copy of the base layer) has shape {list(lora.tensors[copy].shape)} "
+            f"but '{info.name}' of {model.path} has {list(info.shape)}; the LoRA was made for another model."
+        )
     region = app.region_shape(info.shape)
     if not fits(app.module.delta_shape, region):
         where = "" if app.target.rows is None else f" (rows {app.target.rows[0]}:{app.target.rows[1]})"
         raise ModelError(
             f"LoRA {lora.path}: module '{app.module.name}' makes an update of shape {list(app.module.delta_shape)} "
-            f"but tensor '{info.name}'{where} of {model.path} has shape {list(region)}; the LoRA does not fit this model."
+            f"but tensor '{info.name}'{where} of {model.path} has shape {list(region)}; "
+            "the LoRA does not fit this model."
         )
 
 

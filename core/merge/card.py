@@ -46,6 +46,7 @@ def model_card(plan: "MergePlan") -> str:
     for ref in refs:
         if ref != base:
             lines.append(f"* `{ref}`")
+    lines += _sd_lines(plan)
     lines += [
         "",
         "## Recipe",
@@ -58,3 +59,44 @@ def model_card(plan: "MergePlan") -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sd_lines(plan: "MergePlan") -> list[str]:
+    """Stable Diffusion merges: the architecture, A1111 options and the block weights applied."""
+    hooks = getattr(plan, "hooks", None)
+    if hooks is None or not hooks.is_sd:
+        return []
+    first = plan.models[0].sd
+    lines = ["", "## Stable Diffusion", "", f"Architecture: {first.describe() if first else hooks.kind}."]
+    if hooks.inpainting_merge:
+        lines.append(
+            f"Model A's {hooks.out_channels}-channel first convolution: its first 4 input channels are merged, "
+            "the others copied from A (A1111's inpainting merge)."
+        )
+    if hooks.vae_ref:
+        lines.append(f"VAE baked in: `{hooks.vae_ref}`.")
+    if hooks.drop:
+        lines.append("Tensors left out (regular expressions): " + ", ".join(f"`{p}`" for p in hooks.drop) + ".")
+    if hooks.ema != "keep":
+        lines.append("EMA copies left out." if hooks.ema == "drop" else "EMA weights written in place of the UNet's.")
+    table = plan.block_weights
+    if table:
+        lines += ["", "## Block weights", "", "The per-block values applied (also in the metadata key "
+                  "`mergestudio_block_weights`):", ""]
+        columns = [(name, values) for name, values in table["parameters"].items()]
+        for ref, params in table["models"].items():
+            columns += [(f"{name} ({ref})", values) for name, values in params.items()]
+        lines.append("| block | " + " | ".join(name for name, _ in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
+        for block in table["blocks"]:
+            cells = [_cell(values.get(block)) for _, values in columns]
+            lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)

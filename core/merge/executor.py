@@ -6,7 +6,16 @@ memory maps, and a writer thread writes the previous result straight into its
 shard. At most two results are in flight, so peak memory is a few tensors,
 whatever the model size and shard size. The output is built in a hidden folder beside the target
 and renamed into place at the end; cancelling (closing the generator at a
-yield) or any error removes it.
+yield) or any error removes it. When every input is a single ``.safetensors``
+file and the output's name ends in ``.safetensors``, the output is that one
+file (one shard, whatever the shard size; no config, card or recipe files: the
+recipe is in its metadata), written in the hidden folder and moved into place.
+
+Stable Diffusion outputs carry, besides our ``mergestudio_recipe``, the
+applied block weights (``mergestudio_block_weights``) and, for single-file
+checkpoints, A1111's ``sd_merge_recipe`` and ``sd_merge_models``, whose model
+hashes are the sha256 of each input file (each input is read once more for it,
+unless its hash is cached from an earlier merge: core/io/sd.py cached_sha256).
 
 (The module is ``executor`` rather than ``run`` so that ``core.merge.run`` can
 be the function, as the public API promises.)
@@ -36,7 +45,7 @@ from core.io.writer import (
 )
 from core.jobs import Progress
 from core.merge.methods.base import TensorInputs
-from core.merge.plan import MergePlan, TensorOp
+from core.merge.plan import MergePlan, TensorOp, is_single_file, single_file_output
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -117,20 +126,25 @@ def iter_merge(
     if not (0 <= tensor_delay_s < float("inf")):
         raise MergeStudioError(f"--tensor-delay must be a finite number of seconds >= 0, got {tensor_delay_s}.")
     output = Path(output)
-    atomic = AtomicOutput(output, overwrite)
+    single = single_file_output(plan, output)
+    atomic = AtomicOutput(output, overwrite, single_file=single)
     atomic.check()
     dev = resolve_device(device)
     started = time.monotonic()
     total_bytes = plan.output_bytes
     recipe_yaml = plan.recipe.to_yaml()
     metadata = {"format": "pt", "merge_method": plan.method.name, "mergestudio_recipe": recipe_yaml}
+    metadata.update(_sd_metadata(plan, output))
 
     with atomic as tmp:
         components = _components(plan, tmp)
+        if single:
+            components[""].stem = output.name[: -len(".safetensors")]
         for comp in components.values():
             comp.folder.mkdir(parents=True, exist_ok=True)
             tensors = [OutputTensor(_inner(op.out_name, plan), op.shape, op.out_dtype) for op in comp.ops]
-            comp.writer = ShardedWriter(comp.folder, plan_shards(tensors, shard_size, metadata, comp.stem))
+            limit = sum(t.nbytes for t in tensors) + 1 if single else shard_size
+            comp.writer = ShardedWriter(comp.folder, plan_shards(tensors, limit, metadata, comp.stem))
         writer = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
         pending_write: Optional[Future] = None
         done_bytes = 0
@@ -161,9 +175,10 @@ def iter_merge(
                 comp.writer.finish()
                 write_index(comp.folder, comp.writer.shards, comp.stem)
                 files.extend(str((comp.folder / s.file_name).relative_to(tmp)) for s in comp.writer.shards)
-            _write_extras(plan, tmp)
-            if model_card:
-                _write_card(plan, tmp)
+            if not single:
+                _write_extras(plan, tmp)
+                if model_card:
+                    _write_card(plan, tmp)
         except OSError as exc:  # a write failed (disk full, quota, permissions): one sentence, not a traceback
             raise _disk_error(atomic.target, exc) from None
         finally:
@@ -173,6 +188,28 @@ def iter_merge(
                 if comp.writer is not None:
                     comp.writer.abort()
     return MergeResult(output, len(plan.ops), done_bytes, time.monotonic() - started, dev, files)
+
+
+def _sd_metadata(plan: MergePlan, output: Path) -> dict[str, str]:
+    """Block weights applied, and A1111's keys for a single-file SD checkpoint (hashes read each input once)."""
+    from core.io import sd
+    from core.merge.sd_plan import a1111_recipe_fields
+
+    hooks = plan.hooks
+    if hooks is None or not hooks.is_sd:
+        return {}
+    extra: dict[str, str] = {}
+    if plan.block_weights is not None:
+        extra["mergestudio_block_weights"] = json.dumps(plan.block_weights)
+    if hooks.layout == sd.LDM and all(is_single_file(m.source) for m in plan.inputs):
+        records = [
+            sd.InputRecord(
+                m.source.path.name, sd.cached_sha256(m.source.path), sd.legacy_hash(m.source.path), m.source.metadata
+            )
+            for m in plan.inputs
+        ]
+        extra.update(sd.a1111_metadata(records, a1111_recipe_fields(plan, output)))
+    return extra
 
 
 def _components(plan: MergePlan, tmp: Path) -> dict[str, _Component]:
@@ -320,6 +357,9 @@ def _write_extras(plan: MergePlan, folder: Path) -> None:
     config_src = plan.models[plan.config_model or 0].source
     if config_src.kind == "diffusers":
         _copy_pipeline_files(config_src.path, folder)
+        vae_config = plan.hooks.vae_config if plan.hooks is not None else None
+        if vae_config is not None and vae_config.is_file() and (folder / "vae").is_dir():
+            shutil.copy2(vae_config, folder / "vae" / "config.json")  # the VAE baked in brings its config
     else:
         if plan.config is not None:
             (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")

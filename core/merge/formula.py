@@ -33,6 +33,9 @@ def value_text(setting: Any) -> str:
         return str(setting).lower()
     if isinstance(setting, (int, float)):
         return _num(setting)
+    if isinstance(setting, dict) and "blocks" in setting:
+        default = setting.get("default")
+        return "per block" + (f" (others {_num(default)})" if _scalar(default) is not None else "")
     if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
         return f"{_num(setting[0])}→{_num(setting[-1])} over layers" if len(setting) > 1 else _num(setting[0])
     if isinstance(setting, (dict, list)):
@@ -68,6 +71,8 @@ def formula_text(doc: "RecipeDocument") -> str:
         return _widen(doc)
     if name == "mwa":
         return _mwa(doc)
+    if name in ("weighted_sum", "add_difference", "convert"):
+        return _a1111(doc)
     return _generic(doc)
 
 
@@ -178,6 +183,28 @@ def _mwa(doc: "RecipeDocument") -> str:
         f"Weighted average of {', '.join(names)} — weights {metric}{power}{share}, "
         f"p = {value_text(penalty)} ({rule})"
     )
+
+
+def _a1111(doc: "RecipeDocument") -> str:
+    """A1111's modes, with the models in slot order A, B, C."""
+    names = [s.name for s in doc.slots]
+    name = doc.method_name
+    if name == "convert":
+        if len(names) != 1:
+            return "No interpolation takes one model."
+        return f"{names[0]}, written again (no interpolation)"
+    if name == "weighted_sum":
+        if len(names) != 2:
+            return "Weighted sum takes exactly two models: A and B."
+        alpha = doc.param_value("alpha")
+        a = _scalar(alpha)
+        if a is None:
+            return f"{names[0]} × (1 − alpha) + {names[1]} × alpha, alpha {value_text(alpha)}"
+        return f"{_num(1 - a)} × {names[0]} + {_num(a)} × {names[1]}"
+    if len(names) != 3:
+        return "Add difference takes exactly three models: A, B and C."
+    m = doc.param_value("multiplier")
+    return f"{names[0]} + {value_text(m)} × ({names[1]} − {names[2]})"
 
 
 def _generic(doc: "RecipeDocument") -> str:

@@ -9,6 +9,10 @@ model and tensor, raised before a single weight is read.
 Input order follows mergekit: the models of a slice in recipe order, with the
 base model appended last when it is not listed, so order-sensitive methods
 give the same numbers.
+
+Stable Diffusion checkpoints have blocks, not layers: their tensors are planned
+one by one under their own names, and core/merge/sd_plan.py adds the checks
+and options of that side (kinds, inpainting, block weights, vae/drop/ema).
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ from typing import Any, Optional
 from core.errors import ModelError, RecipeError
 from core.io.catalog import resolve_model
 from core.io.formats import ModelSource, open_model
+from core.io.sd import SDInfo, detect_source
 from core.io.tensors import DTYPE_SIZES, RECIPE_DTYPES, TensorInfo, recipe_dtype_key, safetensors_dtype
 from core.merge import methods as registry
 from core.merge.layers import LayerLayout, config_layer_count, detect_layout, is_pre_tensor
 from core.merge.methods.base import BASE_IGNORED, BASE_REQUIRED, GLOBAL, NON_BASE, MergeMethod, Parameter
 from core.merge.recipe import ModelEntry, Recipe, SliceEntry, evaluate_setting
+from core.merge.sd_plan import PlanHooks, finish as finish_hooks, prepare as prepare_hooks, vae_ops
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _TIED = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _OVERHEAD_BYTES = 260 * 1000**2  # resident Python + torch runtime on CPU (measured: ~250 MB)
+NO_LAYERS = LayerLayout(None, 0, "a Stable Diffusion checkpoint: blocks, not layers")
 
 
 @dataclass
@@ -41,6 +48,8 @@ class InputModel:
     source: ModelSource
     layout: LayerLayout
     _suffixes: Optional[dict[int, list[str]]] = field(default=None, repr=False)
+    sd: Optional[SDInfo] = None  # what it is, when it is a Stable Diffusion checkpoint
+    role: str = "input"  # "input", or "vae" for a VAE baked into the output
 
     @property
     def label(self) -> str:
@@ -93,6 +102,17 @@ class MergePlan:
     output_bytes: int = 0
     input_bytes: int = 0
     peak_memory_bytes: int = 0
+    hooks: Optional[PlanHooks] = None  # Stable Diffusion side, drop: patterns (None for mergekit recipes)
+
+    @property
+    def block_weights(self) -> Optional[dict[str, Any]]:
+        """The per-block values applied (block-weighted SD merges), else None."""
+        return self.hooks.block_weights if self.hooks is not None else None
+
+    @property
+    def inputs(self) -> list[InputModel]:
+        """The merged models (without a VAE baked in)."""
+        return [m for m in self.models if m.role == "input"]
 
     def method_summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -133,17 +153,34 @@ def plan_merge(
         if ref not in index_of:
             path = resolve_model(ref, recipe_dir)
             source = open_model(path, allow_pickle=allow_pickle)
-            layout = detect_layout(source.tensors, source.config)
+            info = detect_source(source)
+            layout = NO_LAYERS if info is not None else detect_layout(source.tensors, source.config)
             index_of[ref] = len(models)
-            models.append(InputModel(ref, source, layout))
+            models.append(InputModel(ref, source, layout, sd=info))
         return index_of[ref]
 
-    for ref in recipe.model_refs():
-        model_index(ref)
+    try:
+        for ref in recipe.model_refs():
+            model_index(ref)
+        hooks = prepare_hooks(
+            recipe, method, models, lambda ref: open_model(resolve_model(ref, recipe_dir), allow_pickle=allow_pickle)
+        )
+    except BaseException:
+        for m in models:
+            m.source.close()
+        raise
+    if hooks is not None and hooks.vae_source is not None:
+        hooks.vae_index = len(models)
+        models.append(InputModel(hooks.vae_ref or "vae", hooks.vae_source, NO_LAYERS, role="vae"))
 
     slices = _normalized_slices(recipe, method, models, model_index)
-    builder = _OpBuilder(recipe, method, models, model_index)
+    builder = _OpBuilder(recipe, method, models, model_index, hooks)
     ops = builder.build(slices)
+    if hooks is not None:
+        if hooks.vae_index is not None:
+            ops += vae_ops(hooks, models, builder.out_override, builder.vae_op)
+        builder.notes.extend(hooks.notes)
+        finish_hooks(hooks, ops, [m.ref for m in models])
 
     config_idx = model_index(recipe.base_model) if recipe.base_model else slices[0][0][0]
     config = copy.deepcopy(models[config_idx].source.config) if models[config_idx].source.config else None
@@ -162,7 +199,7 @@ def plan_merge(
     if template is not None:
         _check_template_sources(models, tok_idx, config_idx)
 
-    plan = MergePlan(recipe, method, models, ops, config, config_idx, tok_idx, builder.notes)
+    plan = MergePlan(recipe, method, models, ops, config, config_idx, tok_idx, builder.notes, hooks=hooks)
     plan.output_bytes = sum(op.out_bytes for op in ops)
     plan.input_bytes = sum(
         models[mi].source.tensors[name].nbytes if name in models[mi].source.tensors else 0
@@ -171,9 +208,31 @@ def plan_merge(
     )
     plan.peak_memory_bytes = _peak_memory(plan)
     if output is not None:
+        single_file_output(plan, Path(output))
         _check_output_holds_no_input(models, Path(output))
         _check_disk(plan, Path(output))
     return plan
+
+
+_KIND_WORDS = {"transformers": "a model folder", "diffusers": "a diffusers pipeline", "pickle": "a pickle checkpoint"}
+
+
+def is_single_file(source: ModelSource) -> bool:
+    """One checkpoint file: a .safetensors file, or a pickle .ckpt/.pt file (opted in)."""
+    return source.kind == "single_file" or (source.kind == "pickle" and source.path.is_file())
+
+
+def single_file_output(plan: MergePlan, output: Path) -> bool:
+    """True when ``output`` is one ``.safetensors`` file: every input must then be a single file too."""
+    if output.suffix != ".safetensors":
+        return False
+    for m in plan.inputs:
+        if not is_single_file(m.source):
+            raise RecipeError(
+                f"{output}: an output ending in .safetensors is one file, which needs single-file inputs, but "
+                f"model '{m.ref}' is {_KIND_WORDS.get(m.source.kind, m.source.kind)}; give an output folder instead."
+            )
+    return True
 
 
 def _check_output_holds_no_input(models: list[InputModel], output: Path) -> None:
@@ -181,6 +240,8 @@ def _check_output_holds_no_input(models: list[InputModel], output: Path) -> None
     target = output.resolve()
     for m in models:
         source = m.source.path.resolve()
+        if source == target and source.is_file():
+            raise RecipeError(f"{output}: is the input model '{m.ref}'; write the merge to another file.")
         if source == target or target in source.parents:
             raise RecipeError(
                 f"{output}: the output folder holds the input model '{m.ref}', which replacing it would delete; "
@@ -290,8 +351,17 @@ def _finish_slice(recipe, method, models, model_index, entries, raw, where) -> S
 class _OpBuilder:
     """Walks the slices and emits one TensorOp per output tensor."""
 
-    def __init__(self, recipe: Recipe, method: MergeMethod, models: list[InputModel], model_index) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        method: MergeMethod,
+        models: list[InputModel],
+        model_index,
+        hooks: Optional[PlanHooks] = None,
+    ) -> None:
         self.recipe = recipe
+        self.hooks = hooks
+        self.blocks = hooks.blocks if hooks is not None else None
         self.method = method
         self.models = models
         self.model_index = model_index
@@ -311,12 +381,15 @@ class _OpBuilder:
                 m = self.models[mi]
                 for name in _file_order(m.source.tensors):
                     if m.layout.split(name) is None and name not in outside:
+                        if self.hooks is not None and self.hooks.skip(name):
+                            continue
                         outside.append(name)
         pre = [n for n in outside if is_pre_tensor(n)]
         post = [n for n in outside if not is_pre_tensor(n)]
         ops: list[TensorOp] = []
+        source = self.hooks.source if self.hooks is not None else (lambda n: n)
         for name in pre:
-            self._add(ops, name, [(mi, name) for mi in first[0]], first, t=0.0, layer=None)
+            self._add(ops, name, [(mi, source(name)) for mi in first[0]], first, t=0.0, layer=None)
         for s in slices:
             indices, entries, _, _ = s
             n = (entries[0].layer_range[1] - entries[0].layer_range[0]) if entries[0].layer_range else 0
@@ -341,6 +414,8 @@ class _OpBuilder:
                 out_layer = self.out_layers
                 for suffix in suffixes:
                     out_name = layout.name(out_layer, suffix) if layout.prefix else suffix
+                    if self.hooks is not None and self.hooks.skip(out_name):
+                        continue
                     inputs = [
                         (mi, self.models[mi].layout.name(e.layer_range[0] + offset, suffix))
                         for mi, e in zip(indices, entries)
@@ -348,7 +423,7 @@ class _OpBuilder:
                     self._add(ops, out_name, inputs, s, t=t, layer=out_layer)
                 self.out_layers += 1
         for name in post:
-            self._add(ops, name, [(mi, name) for mi in last[0]], last, t=0.0, layer=None)
+            self._add(ops, name, [(mi, source(name)) for mi in last[0]], last, t=0.0, layer=None)
         if not ops:
             raise ModelError("The models have no tensors to merge.")
         return ops
@@ -356,6 +431,9 @@ class _OpBuilder:
     # -- one tensor -----------------------------------------------------------
     def _add(self, ops: list[TensorOp], out_name: str, inputs: list[tuple[int, str]], s: Slice, t: float, layer) -> None:
         indices, entries, base_pos, raw = s
+        if self.hooks is not None and self.hooks.copy_first(out_name):
+            self._copy_first(ops, out_name, inputs, entries, layer)
+            return
         infos: list[Optional[TensorInfo]] = []
         resolved_inputs: list[tuple[int, str]] = []
         for (mi, name), e in zip(inputs, entries):
@@ -376,7 +454,7 @@ class _OpBuilder:
                 f"but present in model '{entries[has].model}'."
             )
         shapes = [info.shape for info in infos if info is not None]
-        if len(set(shapes)) > 1:
+        if len(set(shapes)) > 1 and not (self.hooks is not None and self.hooks.shape_mismatch_ok(out_name)):
             listing = ", ".join(f"{list(sh)} in '{e.model}'" for sh, e in zip(shapes, entries))
             hint = ""
             if is_pre_tensor(out_name) or "lm_head" in out_name:
@@ -421,6 +499,24 @@ class _OpBuilder:
                 return tensors[tied], tied
         return None, name
 
+    def _copy_first(self, ops: list[TensorOp], out_name: str, inputs, entries, layer) -> None:
+        """A non-weight (noise schedule, position ids): model A's, or the first model's that has it."""
+        present = [(pos, mi, name) for pos, (mi, name) in enumerate(inputs) if name in self.models[mi].source.tensors]
+        pos, mi, name = present[0]
+        if len(present) < len(inputs):
+            missing = next(e.model for i, e in enumerate(entries) if i not in {p for p, _, _ in present})
+            note = (
+                f"'{name}' (not a weight) is missing from model '{missing}'; "
+                f"it is copied from model '{entries[pos].model}'."
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+        ops.append(self._copy_op(out_name, (mi, name), self.models[mi].source.tensors[name], layer))
+
+    def vae_op(self, out_name: str, src: tuple[int, str], info: TensorInfo, out_dtype: str) -> TensorOp:
+        """A tensor of the VAE baked in, copied under the model's name."""
+        return TensorOp(out_name, [src], None, {}, [{}], info.shape, info.dtype, out_dtype, True, None)
+
     def _copy_op(self, out_name: str, src: tuple[int, str], info: TensorInfo, layer) -> TensorOp:
         out = self.out_override if (self.out_override and info.dtype in FLOAT_DTYPES) else info.dtype
         return TensorOp(out_name, [src], None, {}, [{}], info.shape, info.dtype, out, True, layer)
@@ -429,26 +525,30 @@ class _OpBuilder:
         recipe_params = self.recipe.parameters
         params: dict[str, Any] = {}
         for p in self.method.global_parameters:
-            params[p.name] = self._value(p, out_name, t, [raw.parameters, recipe_params], out_name)
+            params[p.name] = self._value(p, out_name, t, [raw.parameters, recipe_params], out_name, self.blocks)
         model_params: list[dict[str, Any]] = []
         for pos, ((_, in_name), e) in enumerate(zip(inputs, entries)):
+            if self.blocks is not None:
+                in_name = out_name  # SD inputs share the output's names (an EMA source is looked up by its weight)
             values: dict[str, Any] = {}
             for p in self.method.model_parameters:
                 if p.scope == NON_BASE and pos == base_pos:
                     continue
                 where = f"model '{e.model}'"
-                values[p.name] = self._value(p, in_name, t, [e.parameters, raw.parameters, recipe_params], where)
+                values[p.name] = self._value(
+                    p, in_name, t, [e.parameters, raw.parameters, recipe_params], where, self.blocks
+                )
             model_params.append(values)
         return params, model_params
 
     @staticmethod
-    def _value(p: Parameter, tensor_name: str, t: float, scopes: list[dict], where: str) -> Any:
+    def _value(p: Parameter, tensor_name: str, t: float, scopes: list[dict], where: str, blocks=None) -> Any:
         def convert(v):
             return p.validate(v, where)
 
         for scope in scopes:
             if scope and p.name in scope:
-                value = evaluate_setting(scope[p.name], tensor_name, t, convert)
+                value = evaluate_setting(scope[p.name], tensor_name, t, convert, blocks)
                 if value is not None:
                     return value
         if p.required:

@@ -10,6 +10,17 @@ gives the same numbers in both tools.
 Model references are paths (folders or ``.safetensors`` files, relative paths
 resolved against the current folder and then the recipe's folder) or Hugging
 Face ids found in the local cache.
+
+Beyond mergekit's grammar (so never in a mergekit recipe, whose YAML stays as it
+was): block weights for Stable Diffusion, ``{blocks: {BASE: 0.2, IN00: 0.5},
+default: 0.5}`` or ``{blocks: "0.2,0.5,...", default: 0.5}`` as the whole value
+of any numeric parameter (see core/merge/blocks.py); and three top-level
+options of A1111's checkpoint merger: ``vae:`` (a VAE file or folder baked into
+a Stable Diffusion output), ``drop:`` (regular expressions, searched in each
+tensor name as A1111's "discard weights"; matching tensors are left out of the
+output, and a pattern matching no tensor is an error) and ``ema:`` (``keep``,
+the default; ``drop`` leaves a checkpoint's EMA copies out; ``use`` writes the
+EMA weights in place of the UNet's and leaves the copies out).
 """
 
 from __future__ import annotations
@@ -39,7 +50,11 @@ TOP_LEVEL_KEYS = (
     "tokenizer_source",
     "tokenizer",
     "chat_template",
+    "vae",
+    "drop",
+    "ema",
 )
+EMA_MODES = ("keep", "drop", "use")
 
 
 @dataclass
@@ -70,6 +85,9 @@ class Recipe:
     tokenizer_source: Optional[str] = None
     tokenizer: Optional[dict[str, Any]] = None
     chat_template: Optional[str] = None
+    vae: Optional[str] = None  # a VAE baked into a Stable Diffusion output
+    drop: Optional[list[str]] = None  # regular expressions of tensor names left out
+    ema: Optional[str] = None  # keep (default), drop or use
     source_path: Optional[Path] = None  # the YAML file, for resolving relative paths
 
     # -- serialisation ------------------------------------------------------
@@ -97,6 +115,10 @@ class Recipe:
             if value is not None:
                 # mergekit reads only 'float32', 'float16', 'bfloat16', 'float64': write those spellings.
                 out[key] = mergekit_dtype_name(value) if key in ("dtype", "out_dtype") else value
+        for key in ("vae", "drop", "ema"):  # ours (A1111's merger options); never set in mergekit recipes
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if key == "drop" else value
         return out
 
     def to_yaml(self) -> str:
@@ -184,6 +206,9 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
         tokenizer_source=_model_ref(tokenizer_source, f"{where}: tokenizer_source"),
         tokenizer=data.get("tokenizer"),
         chat_template=_opt_str(data.get("chat_template")),
+        vae=_model_ref(data.get("vae"), f"{where}: vae"),
+        drop=_drop_patterns(data.get("drop"), where),
+        ema=_ema_mode(data.get("ema"), where),
     )
     if data.get("models"):
         recipe.models = [_model_entry(m, f"{where}: models[{i}]", False) for i, m in enumerate(_list(data["models"], where, "models"))]
@@ -205,6 +230,31 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
                 SliceEntry(sources, _model_ref(s.get("base_model"), f"{label}.base_model"), _params(s.get("parameters"), f"{label}.parameters"))
             )
     return recipe
+
+
+def _drop_patterns(value: Any, where: str) -> Optional[list[str]]:
+    """``drop:`` is one regular expression or a list of them; each must compile."""
+    import re
+
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise RecipeError(f"{where}: 'drop' must be a regular expression or a list of them, got {value!r}.")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RecipeError(f"{where}: drop pattern {pattern!r} is not a valid regular expression ({exc}).") from None
+    return list(patterns)
+
+
+def _ema_mode(value: Any, where: str) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in EMA_MODES:
+        raise RecipeError(f"{where}: 'ema' must be one of {', '.join(EMA_MODES)}, got {value!r}.")
+    return str(value)
 
 
 def _suggest(word: str, choices) -> str:
@@ -274,6 +324,9 @@ def _check_setting(setting: Any, where: str, in_condition: bool = False) -> None
     ``{filter, value}`` whose value is a scalar or a gradient, or a list of conditions."""
     if isinstance(setting, (bool, int, float, str)):
         return
+    if isinstance(setting, dict) and "blocks" in setting:
+        _check_block_setting(setting, where, in_condition)
+        return
     if isinstance(setting, dict) and not in_condition:
         if "value" not in setting or set(setting) - {"filter", "value"}:
             raise RecipeError(f"{where}: a condition needs 'value' and optionally 'filter', got {setting!r}.")
@@ -300,12 +353,45 @@ def _check_setting(setting: Any, where: str, in_condition: bool = False) -> None
     )
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_block_setting(setting: dict, where: str, in_condition: bool) -> None:
+    """``{blocks: {NAME: number} | "n,n,...", default: number}``; names and counts are checked by the planner."""
+    from core.merge.blocks import parse_block_string
+
+    if in_condition:
+        raise RecipeError(f"{where}: block weights ('blocks:') must be a parameter's whole value, not inside a filter.")
+    extra = set(setting) - {"blocks", "default"}
+    if extra:
+        raise RecipeError(f"{where}: a block setting takes 'blocks' and 'default' only, not '{sorted(extra)[0]}'.")
+    blocks = setting["blocks"]
+    if isinstance(blocks, str):
+        parse_block_string(blocks, where)
+    elif isinstance(blocks, dict) and blocks:
+        for name, value in blocks.items():
+            if not _number(value):
+                raise RecipeError(f"{where}.blocks.{name}: a block's value must be a number, got {value!r}.")
+    else:
+        raise RecipeError(
+            f"{where}.blocks: give a mapping of block names to numbers or a comma-separated string, got {blocks!r}."
+        )
+    if "default" in setting and not _number(setting["default"]):
+        raise RecipeError(f"{where}.default: must be a number, got {setting['default']!r}.")
+
+
 # -- evaluation (mergekit semantics) ---------------------------------------
 _MISSING = object()
 
 
-def evaluate_setting(setting: Setting, tensor_name: str, t: float, convert) -> Any:
+def evaluate_setting(setting: Setting, tensor_name: str, t: float, convert, blocks: Any = None) -> Any:
     """Resolve filters and gradients for one tensor at layer position ``t``.
+
+    A block setting takes the value of the tensor's block from ``blocks`` (a
+    core.merge.blocks.BlockMap; None when the models are not SD checkpoints,
+    which the planner refuses first); None when neither its block nor the
+    setting's default is given.
 
     ``convert`` validates a scalar into the parameter's type. Numeric gradients
     interpolate linearly between neighbouring anchors (layer i of n at
@@ -313,6 +399,11 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float, convert) -> A
     conditions returns the first whose filter is absent, ``*`` or a substring
     of the tensor name; None when none matches.
     """
+    if isinstance(setting, dict) and "blocks" in setting:
+        if blocks is None:
+            raise RecipeError(f"Tensor '{tensor_name}': block weights apply to Stable Diffusion checkpoints only.")
+        raw = blocks.pick(setting, tensor_name)
+        return None if raw is None else convert(raw)
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):

@@ -35,6 +35,8 @@ from core.merge.formula import value_text
 from core.merge.methods.base import Parameter
 
 _STEPS = 1000  # slider resolution
+# Methods whose ratios people misread between tools: their help ("0.3 = 30 % of model B") shows under the slider.
+_SPELL_OUT = ("weighted_sum", "add_difference")
 
 
 def value_span(param: Parameter, setting: Any = None) -> tuple[float, float]:
@@ -233,6 +235,9 @@ class ParameterPanel(QScrollArea):
         self.setWidgetResizable(True)
         self.rows: dict[tuple[str, Optional[int]], ParameterRow] = {}
         self._signature: tuple = ()
+        # value -> the setting "Per layer" starts from (the recipe editor gives block weights for SD models)
+        self.curve_seed: Optional[Any] = None
+        self.curve_label: Optional[str] = None  # "Per block" for Stable Diffusion models
         self._body = QWidget()
         self._layout = QVBoxLayout(self._body)
         self._layout.setContentsMargins(4, 4, 4, 4)
@@ -303,6 +308,13 @@ class ParameterPanel(QScrollArea):
             label.setToolTip(row.toolTip())
             form.addRow(label, row)
             self.rows[(param.name, slot)] = row
+            if self.curve_label and row.curve_button is not None:
+                row.curve_button.setText(self.curve_label)
+            if self.doc.method_name in _SPELL_OUT:  # A1111 modes: the ratio's direction, written next to it
+                meaning = QLabel(param.help)
+                meaning.setObjectName("muted")
+                meaning.setWordWrap(True)
+                form.addRow("", meaning)
         return box
 
     def _edited(self, name: str, slot: Optional[int], value: Any) -> None:
@@ -311,12 +323,12 @@ class ParameterPanel(QScrollArea):
     def _curve_toggled(self, name: str, slot: Optional[int], on: bool) -> None:
         current = self.doc.param_value(name, slot)
         if on:
+            seed = self.curve_seed or (lambda v: [v, v])
             if isinstance(current, (int, float)) and not isinstance(current, bool):
-                self.doc.set_param(name, [float(current), float(current)], slot)
+                self.doc.set_param(name, seed(float(current)), slot)
             elif current is None:
                 lo, hi = value_span(self.rows[(name, slot)].param)
-                mid = lo + (hi - lo) / 2
-                self.doc.set_param(name, [mid, mid], slot)
+                self.doc.set_param(name, seed(lo + (hi - lo) / 2), slot)
             self.curveRequested.emit(name, slot)
         else:
             values = _numbers(current)

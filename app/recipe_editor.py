@@ -103,6 +103,7 @@ class RecipeEditor(QWidget):
 
         # -- parameters -------------------------------------------------------------
         self.params = ParameterPanel(doc)
+        self.params.curve_seed = self._curve_seed  # per layer (gradients) or per block (Stable Diffusion)
         self.params.curveRequested.connect(self._curve_requested)
 
         slots_box = QWidget()
@@ -306,6 +307,10 @@ class RecipeEditor(QWidget):
     # -- document -> views ----------------------------------------------------------
     def _on_doc_changed(self, what: str) -> None:
         doc = self.doc
+        label = "Per block" if self.block_names() is not None else None
+        if label != self.params.curve_label:
+            self.params.curve_label = label
+            self.params.rebuild()
         index = self.method_combo.findData(doc.method_name)
         if index >= 0 and index != self.method_combo.currentIndex():
             self.method_combo.setCurrentIndex(index)
@@ -443,9 +448,13 @@ class RecipeEditor(QWidget):
 
     def _browse_output(self) -> None:
         start = self.doc.export.output or str(Path.home())
-        folder = QFileDialog.getExistingDirectory(self, "Output folder (its parent must exist)", start)
-        if folder:
-            self.output_edit.setText(folder)
+        if self.doc.slots and all(s.ref.endswith(".safetensors") for s in self.doc.slots):
+            # Single-file checkpoints merge into one .safetensors file (A1111, ComfyUI).
+            chosen, _ = QFileDialog.getSaveFileName(self, "Output checkpoint", start, "Checkpoints (*.safetensors)")
+        else:
+            chosen = QFileDialog.getExistingDirectory(self, "Output folder (its parent must exist)", start)
+        if chosen:
+            self.output_edit.setText(chosen)
             self._export_edited()
 
     def _merge_clicked(self) -> None:
@@ -492,6 +501,10 @@ class RecipeEditor(QWidget):
     def _update_merge_button(self) -> None:
         """Merge only a checked recipe with an output folder, and only the recipe the YAML view shows."""
         report = self.last_report
+        label = "Per block" if self.block_names() is not None else None
+        if label != self.params.curve_label:  # the check told us these are Stable Diffusion models
+            self.params.curve_label = label
+            self.params.rebuild()
         needs_output = bool(self.doc.export.output.strip())
         yaml_applied = not self._yaml_dirty
         ready = report is not None and report.ok and self.preflight_idle()
@@ -570,14 +583,30 @@ class RecipeEditor(QWidget):
             self._curve_target = None
             self.curve_stack.setCurrentIndex(0)
             return
-        from core.merge.curves import LayerCurves
+        from core.merge.curves import Curve, LayerCurves, block_bands, block_values
 
         setting = self.doc.param_value(name, slot)
-        attention, mlp = self._filters
-        curves = LayerCurves.from_setting(setting, attention_filters=attention, mlp_filters=mlp)
         editor = self._ensure_curve_editor()
         owner = "the recipe" if slot is None else self.doc.display(slot)
         self.curve_target_label.setText(f"<b>{name}</b> of {owner}")
+        blocks = self.block_names()
+        if blocks is not None:  # Stable Diffusion: one value per block, over IN / MID / OUT bands
+            default = param.default if isinstance(param.default, (int, float)) else 0.5
+            values = block_values(setting, blocks, default)
+            editor.set_blocks(blocks, block_bands(blocks))
+            if values is None:
+                editor.set_enabled_reason(
+                    "This setting names blocks the curve does not show (TE1, TE2, VAE) or is not one value per block; "
+                    "edit it in the YAML view."
+                )
+            else:
+                editor.set_enabled_reason(None)
+                editor.set_curves(LayerCurves(Curve(tuple(values))), len(blocks), value_span(param, values), name)
+            self.curve_stack.setCurrentIndex(1)
+            return
+        editor.set_blocks(None)
+        attention, mlp = self._filters
+        curves = LayerCurves.from_setting(setting, attention_filters=attention, mlp_filters=mlp)
         if curves is None:
             editor.set_enabled_reason("This setting uses filters the curve editor cannot show; edit it in the YAML view.")
         else:
@@ -585,12 +614,49 @@ class RecipeEditor(QWidget):
             editor.set_curves(curves, self.layer_count(), value_span(param, setting), name)
         self.curve_stack.setCurrentIndex(1)
 
+    def sd_kind(self) -> Optional[str]:
+        """'sd1', 'sd2' or 'sdxl' when the recipe merges Stable Diffusion models (block weights apply), else None."""
+        report = self.last_report
+        sd = (getattr(report, "summary", None) or {}).get("stable_diffusion") if report is not None else None
+        if sd and sd.get("kind") in ("sd1", "sd2", "sdxl"):
+            return sd["kind"]
+        for slot in self.doc.slots:
+            kind = getattr(self.describe(slot.ref), "model_type", None)
+            if kind in ("sd1", "sd2", "sdxl"):
+                return kind
+        return None
+
+    def block_names(self) -> Optional[list[str]]:
+        """The blocks a per-block curve spans: BASE and the UNet's IN / MID / OUT blocks."""
+        kind = self.sd_kind()
+        if kind is None:
+            return None
+        from core.merge.blocks import UNET_BLOCKS
+
+        return ["BASE", *UNET_BLOCKS[kind]]
+
+    def _curve_seed(self, value: float) -> Any:
+        """The setting a parameter gets when 'Per layer' ('Per block' for SD) is switched on."""
+        blocks = self.block_names()
+        if blocks is None:
+            return [value, value]
+        from core.merge.curves import block_setting
+
+        return block_setting([value] * len(blocks), blocks)
+
     def _curve_edited(self, curves: Any) -> None:
         if self._curve_target is None:
             return
         name, slot = self._curve_target
+        blocks = self.block_names()
+        if blocks is not None:
+            from core.merge.curves import block_setting
+
+            setting = block_setting(curves.default.at_layers(len(blocks)), blocks)
+        else:
+            setting = curves.to_setting()
         self._curve_editing = True
         try:
-            self.doc.set_param(name, curves.to_setting(), slot)
+            self.doc.set_param(name, setting, slot)
         finally:
             self._curve_editing = False

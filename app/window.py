@@ -359,10 +359,12 @@ class MainWindow(QMainWindow):
         folder = paths.home() / "merges"
         folder.mkdir(parents=True, exist_ok=True)
         stem = time.strftime("merge-%Y%m%d-%H%M%S")
-        candidate = folder / stem
+        # Single-file checkpoints (A1111 / ComfyUI) merge into one .safetensors file, folders into a folder.
+        suffix = ".safetensors" if all(s.ref.endswith(".safetensors") for s in self.doc.slots) else ""
+        candidate = folder / f"{stem}{suffix}"
         n = 2
         while candidate.exists():
-            candidate = folder / f"{stem}-{n}"
+            candidate = folder / f"{stem}-{n}{suffix}"
             n += 1
         self._auto_output = str(candidate)
         self.doc.set_export(output=str(candidate))

@@ -15,7 +15,7 @@ immutable and convert to and from recipe settings. Pure Python: no torch, no Qt.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -344,3 +344,53 @@ def detect_filters(tensor_names: Iterable[str]) -> tuple[tuple[str, ...], tuple[
             mlp = tuple(c for c in candidate if present(c))
             break
     return (attention,), mlp
+
+
+# --------------------------------------------------------------------------- block weights (Stable Diffusion)
+
+
+def block_values(setting: Any, names: Sequence[str], fallback: float) -> Optional[list[float]]:
+    """One value per block of ``names`` for a setting: a number (the same everywhere), or
+    ``{blocks: {NAME: v, ...}, default: v}`` (unnamed blocks take ``default``, else ``fallback``).
+
+    None when the setting cannot be shown as one value per block (a gradient, filters,
+    the comma-separated string form is read by the engine, not here).
+    """
+    if isinstance(setting, bool):
+        return None
+    if isinstance(setting, (int, float)):
+        return [float(setting)] * len(names)
+    if setting is None:
+        return [float(fallback)] * len(names)
+    if not isinstance(setting, dict) or "blocks" not in setting or not isinstance(setting["blocks"], dict):
+        return None
+    default = setting.get("default", fallback)
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return None
+    values = []
+    for name in names:
+        value = setting["blocks"].get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        values.append(float(value))
+    extra = set(setting["blocks"]) - set(names)
+    if extra:
+        return None  # blocks the curve does not show (TE1, TE2, VAE): keep editing that in YAML
+    return values
+
+
+def block_setting(values: Sequence[float], names: Sequence[str]) -> dict:
+    """``{blocks: {NAME: v, ...}}`` for one value per block (6 significant digits, as gradients)."""
+    if len(values) != len(names):
+        raise CurveError(f"{len(values)} values for {len(names)} blocks.")
+    return {"blocks": {name: float(f"{v:.6g}") for name, v in zip(names, values)}}
+
+
+def block_bands(names: Sequence[str]) -> list[tuple[int, int, str]]:
+    """The IN / MID / OUT spans (first index, last index, label) of a block list."""
+    bands = []
+    for label, prefix in (("IN", "IN"), ("MID", "M"), ("OUT", "OUT")):
+        idx = [i for i, n in enumerate(names) if n.startswith(prefix) and (prefix != "IN" or n[2:].isdigit())]
+        if idx:
+            bands.append((idx[0], idx[-1], label))
+    return bands

@@ -256,7 +256,7 @@ class RecipeDocument:
         self.out_dtype = recipe.out_dtype
         self._extra = {
             k: getattr(recipe, k)
-            for k in ("dtype", "tokenizer_source", "tokenizer", "chat_template")
+            for k in ("dtype", "tokenizer_source", "tokenizer", "chat_template", "vae", "drop", "ema")
             if getattr(recipe, k) is not None
         }
         self._stash = {}

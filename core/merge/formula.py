@@ -38,6 +38,8 @@ def value_text(setting: Any) -> str:
         return "per block" + (f" (others {_num(default)})" if _scalar(default) is not None else "")
     if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
         return f"{_num(setting[0])}→{_num(setting[-1])} over layers" if len(setting) > 1 else _num(setting[0])
+    if isinstance(setting, dict) and "blocks" in setting:
+        return "per block"
     if isinstance(setting, (dict, list)):
         return "per tensor type"
     return str(setting)

@@ -143,7 +143,12 @@ class MainWindow(QMainWindow):
 
         self.tokens = TokensPanel(self.library, self.sessions)
         self.tokens.problem.connect(lambda text: self.notify(text))
+        from app.lora_panel import LoraPanel
+
+        self.lora = LoraPanel(self.library)
+        self.lora.jobRequested.connect(self.start_function_job)
         self.workspace.addTab(self.editor, "Merge")
+        self.workspace.addTab(self.lora, "LoRA")
         self.workspace.addTab(self.tokens, "Tokens")
         self.workspace.addTab(self.history, "History")
         # Later panels (Compare, Inspect) are added as more tabs of this workspace.
@@ -566,6 +571,27 @@ class MainWindow(QMainWindow):
             app_settings.set_value("library/models", remembered + [path])
         if announce:
             self.statusBar().showMessage(f"Added {path} to the library.", 5000)
+
+    # -- other engine jobs (LoRA) ----------------------------------------------------------------
+    def start_function_job(self, title: str, func: Any, kwargs: dict) -> Optional[FunctionJob]:
+        """Run one of the engine's progress generators as a job; its output joins the library when done."""
+        output = str(kwargs.get("output") or "").strip()
+        if not output:
+            self.notify(f"{title}: choose an output first.")
+            return None
+        job = FunctionJob(title, func, **kwargs)
+        job.ended.connect(lambda j, out=output: self._function_job_done(j, out))
+        self.jobs.add(job)
+        self.jobs_dock.show()
+        job.start()
+        return job
+
+    def _function_job_done(self, job: Any, output: str) -> None:
+        if job.status == "succeeded":
+            self.add_output_to_library(output, announce=False)
+            self.notify(f"{job.title}: done, written to {output}.")
+        elif job.status == "failed":
+            self.notify(f"{job.title} failed: {job.error}")
 
     # -- demo models ---------------------------------------------------------------------------
     def create_demo_models(self) -> Optional[FunctionJob]:

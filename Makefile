@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench bench-tokens bench-app clean
+.PHONY: run test setup bench bench-sd bench-tokens bench-app clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py
+
+bench-sd: $(STAMP)
+	$(PY) bench/bench_sd.py
 
 bench-tokens: $(STAMP)
 	$(PY) bench/bench_tokens.py

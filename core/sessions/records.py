@@ -155,3 +155,30 @@ class TokenRunRecord(_Record):
     figures: dict[str, Any] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)
     label: Optional[str] = None
+
+
+INSPECTION_KINDS = ("compare-text", "compare-image", "attention", "vision-attention", "cross-attention",
+                    "tokens", "weights")
+INSPECTION_STATUSES = ("done", "stopped", "failed", "partial")
+
+
+@dataclass(frozen=True)
+class InspectionRecord(_Record):
+    """One Compare or Inspect result kept in a session.
+
+    ``kind`` is one of :data:`INSPECTION_KINDS`; ``models`` the paths compared, in
+    order; ``settings`` and ``results`` fresh dicts as JSON gave them back; ``files``
+    the paths of what was written beside the database (images, .npz maps, plots).
+    ``status`` is "partial" when some panes finished and others failed.
+    """
+
+    id: int
+    session_id: int
+    created_at: datetime
+    kind: str
+    models: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    status: str = "done"
+    label: Optional[str] = None

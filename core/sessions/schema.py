@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 #: Every Alembic revision this code knows, oldest first; the last one is the head.
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 HEAD = REVISIONS[-1]
 
 NAMING = {
@@ -144,8 +144,26 @@ class TokenRunRow(Base):  # 0003
     label: Mapped[Optional[str]] = mapped_column(Text)
 
 
+class InspectionRow(Base):  # 0004
+    """One Compare or Inspect result: kind, models, settings, results (JSON) and the files written."""
+
+    __tablename__ = "inspections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(Text)
+    models: Mapped[str] = mapped_column(Text)  # JSON list of paths
+    settings: Mapped[str] = mapped_column(Text)  # JSON object
+    results: Mapped[str] = mapped_column(Text)  # JSON object
+    files: Mapped[str] = mapped_column(Text)  # JSON list of paths
+    status: Mapped[str] = mapped_column(Text)  # done | stopped | failed | partial
+    label: Mapped[Optional[str]] = mapped_column(Text)
+
+
 __all__ = [
     "Base",
+    "InspectionRow",
     "HEAD",
     "ModelRow",
     "NoteRow",

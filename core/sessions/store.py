@@ -39,6 +39,9 @@ from core import paths
 from core.sessions import dbfile, tokenruns
 from core.sessions.records import (
     FINISHED_STATUSES,
+    INSPECTION_KINDS,
+    INSPECTION_STATUSES,
+    InspectionRecord,
     INTERRUPTED_ERROR,
     ModelRecord,
     NoteRecord,
@@ -672,6 +675,140 @@ class SessionStore:
                     f"({exc.strerror or exc})."
                 ) from None
             return folder
+
+    # ------------------------------------------------------------------ inspections
+
+    def add_inspection(
+        self,
+        session_id: int,
+        *,
+        kind: str,
+        models: Sequence[PathLike],
+        settings: dict[str, Any],
+        results: dict[str, Any],
+        files: Sequence[PathLike] = (),
+        status: str = "done",
+        label: Optional[str] = None,
+    ) -> InspectionRecord:
+        """Record a Compare or Inspect result (settings and results: JSON objects; files: paths)."""
+        from core.sessions.schema import InspectionRow
+
+        if kind not in INSPECTION_KINDS:
+            raise StoreError(f"An inspection's kind must be one of {', '.join(INSPECTION_KINDS)}, not {kind!r}.")
+        if status not in INSPECTION_STATUSES:
+            raise StoreError(
+                f"An inspection's status must be one of {', '.join(INSPECTION_STATUSES)}, not {status!r}."
+            )
+        model_list = [os.fspath(m) for m in models if isinstance(m, (str, os.PathLike))]
+        if isinstance(models, (str, bytes)) or len(model_list) != len(models) or not all(m.strip() for m in model_list):
+            raise StoreError(f"The models of an inspection must be a list of paths, not {models!r}.")
+        settings_text = tokenruns.json_text(settings, "settings", "inspection")
+        results_text = tokenruns.json_text(results, "results", "inspection")
+        files_text = json.dumps(tokenruns.image_paths(files, "inspection"))
+        if label is not None and not isinstance(label, str):
+            raise StoreError(f"The label of an inspection must be text, not {type(label).__name__}.")
+        label = label.strip() or None if label is not None else None
+        now = _now()
+        with self._write() as s:
+            session = self._session_row(s, session_id)
+            row = InspectionRow(
+                session_id=session_id,
+                created_at=now,
+                kind=kind,
+                models=json.dumps(model_list),
+                settings=settings_text,
+                results=results_text,
+                files=files_text,
+                status=status,
+                label=label,
+            )
+            s.add(row)
+            session.updated_at = now
+            s.flush()
+            return self._inspection(row)
+
+    def list_inspections(self, session_id: int, kind: Optional[str] = None) -> list[InspectionRecord]:
+        """The session's inspections (of one ``kind`` if given), newest first."""
+        from sqlalchemy import select
+
+        from core.sessions.schema import InspectionRow
+
+        with self._read() as s:
+            self._session_row(s, session_id)
+            query = select(InspectionRow).where(InspectionRow.session_id == session_id)
+            if kind is not None:
+                query = query.where(InspectionRow.kind == kind)
+            rows = s.scalars(query.order_by(InspectionRow.created_at.desc(), InspectionRow.id.desc()))
+            return [self._inspection(row) for row in rows]
+
+    def get_inspection(self, inspection_id: int) -> InspectionRecord:
+        from core.sessions.schema import InspectionRow
+
+        with self._read() as s:
+            return self._inspection(self._row(s, InspectionRow, inspection_id, "Inspection"))
+
+    def delete_inspection(self, inspection_id: int) -> None:
+        """Delete an inspection and the files it wrote into the session's folder."""
+        from core.sessions.schema import InspectionRow, SessionRow
+
+        with self._mutex:
+            with self._write() as s:
+                row = self._row(s, InspectionRow, inspection_id, "Inspection")
+                session_id = row.session_id
+                files = _image_list(row.files)
+                session = s.get(SessionRow, session_id)
+                if session is not None:
+                    session.updated_at = _now()
+                s.delete(row)
+            folder = self._views_folder(session_id)
+            if folder is None:
+                return
+            failed = []
+            for file in dict.fromkeys(files):
+                if not tokenruns.inside(file, folder):
+                    continue  # not ours to delete
+                try:
+                    Path(file).unlink(missing_ok=True)
+                except OSError as exc:
+                    failed.append(f"{file} ({exc.strerror or exc})")
+            if failed:
+                raise StoreError(f"Inspection {inspection_id} was deleted, but its file {failed[0]} could not be removed.")
+
+    def inspection_dir(self, session_id: int) -> Path:
+        """The folder for the files of the session's inspections (created; removed with the session)."""
+        folder = self.token_views_dir(session_id) / "inspect"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"The folder {folder} for the inspections of session {session_id} cannot be created "
+                             f"({exc.strerror or exc}).") from None
+        return folder
+
+    def _inspection(self, row: "S.InspectionRow") -> InspectionRecord:
+        what = f"inspection {row.id} in {dbfile.where(self.path)}"
+
+        def decoded(field: str, text: str, kind: type) -> Any:
+            value = _loads(text, f"The {field} of {what}")
+            ok = isinstance(value, kind) and (kind is dict or all(isinstance(p, str) for p in value))
+            if not ok:
+                expected = "a JSON object" if kind is dict else "a list of paths"
+                raise StoreError(
+                    f"The {field} of {what} are not {expected}; the database was changed by another program."
+                )
+            return value
+
+        return InspectionRecord(
+            id=row.id,
+            session_id=row.session_id,
+            created_at=row.created_at,
+            kind=row.kind,
+            models=decoded("models", row.models, list),
+            settings=decoded("settings", row.settings, dict),
+            results=decoded("results", row.results, dict),
+            files=decoded("files", row.files, list),
+            status=row.status,
+            label=row.label,
+        )
 
     # ------------------------------------------------------------------ notes
 

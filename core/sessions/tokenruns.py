@@ -29,13 +29,13 @@ from core.sessions.records import StoreError
 VIEWS_FOLDER = "token-views"
 
 
-def json_text(value: Any, what: str) -> str:
+def json_text(value: Any, what: str, record: str = "token run") -> str:
     """``value`` (a dict) as JSON text; StoreError naming the first value JSON cannot hold."""
     if not isinstance(value, dict):
-        raise StoreError(f"The {what} of a token run must be a JSON object (a dict), not {type(value).__name__}.")
+        raise StoreError(f"The {what} of a {record} must be a JSON object (a dict), not {type(value).__name__}.")
     problem = _first_problem(value, what)
     if problem is not None:
-        raise StoreError(f"The {what} of the token run cannot be saved as JSON: {problem}.")
+        raise StoreError(f"The {what} of the {record} cannot be saved as JSON: {problem}.")
     return json.dumps(value, allow_nan=False)
 
 
@@ -61,16 +61,15 @@ def _first_problem(value: Any, where: str) -> Optional[str]:
     return f"{where} is of type {type(value).__name__}, which JSON cannot store"
 
 
-def image_paths(images: Any) -> list[str]:
-    """The image paths as strings; StoreError for anything but a sequence of non-empty paths."""
+def image_paths(images: Any, record: str = "token run") -> list[str]:
+    """The image (or file) paths as strings; StoreError for anything but a sequence of non-empty paths."""
+    what = "images" if record == "token run" else "files"
     if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
-        raise StoreError(
-            f"The images of a token run must be a list of paths of PNG files, not {type(images).__name__}."
-        )
+        raise StoreError(f"The {what} of a {record} must be a list of paths, not {type(images).__name__}.")
     paths = []
     for index, image in enumerate(images):
         if not isinstance(image, (str, os.PathLike)) or not os.fspath(image).strip():
-            raise StoreError(f"Image {index} of the token run must be the path of a PNG file, not {image!r}.")
+            raise StoreError(f"{what[:-1].capitalize()} {index} of the {record} must be a path, not {image!r}.")
         paths.append(os.fspath(image))
     return paths
 

@@ -1,7 +1,7 @@
 """``mergestudio sessions list|show``: the app's sessions from the command line.
 
     mergestudio sessions list [--json]       sessions, most recently updated first
-    mergestudio sessions show ID [--json]    one session: models, recipe versions, runs, token runs, notes
+    mergestudio sessions show ID [--json]    one session: models, recipe versions, runs, token runs, inspections, notes
 
 Reads ``core.paths.home() / "sessions.db"``. A missing database is not created.
 While the app has the database open, it is read without the lock (read-only);
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional
 
 from core.sessions.records import SessionInfo, StoreError, StoreLocked, TokenRunRecord
@@ -78,6 +79,7 @@ def show_session(session_id: int, *, as_json: bool = False) -> int:
             "recipe_versions": store.list_recipe_versions(session_id),
             "runs": store.list_runs(session_id),
             "token_runs": store.list_token_runs(session_id),
+            "inspections": store.list_inspections(session_id),
             "notes": store.list_notes(session_id),
             "workspace": store.load_workspace(session_id),
         }
@@ -134,6 +136,7 @@ def format_session(data: dict[str, Any]) -> str:
         if r.error:
             lines.append(f"      {' '.join(r.error.split())}")
     lines.extend(format_token_runs(data.get("token_runs", [])))
+    lines.extend(format_inspections(data.get("inspections", [])))
     lines.append(f"Notes ({len(data['notes'])}):")
     for n in data["notes"]:
         text = n.text.splitlines() or [""]
@@ -152,6 +155,17 @@ def format_token_runs(runs: list[TokenRunRecord]) -> list[str]:
         figures = figures_text(t.figures, len(t.images))
         if figures:
             lines.append(f"      {figures}")
+    return lines
+
+
+def format_inspections(records: list) -> list[str]:
+    """The Compare / Inspect results of ``sessions show``: kind, status, models, files."""
+    lines = [f"Compare and inspect ({len(records)}, newest first):"]
+    for r in records:
+        label = f'  "{r.label}"' if r.label else ""
+        names = ", ".join(Path(m).name or m for m in r.models)
+        files = f"  {len(r.files)} file{'s' if len(r.files) != 1 else ''}" if r.files else ""
+        lines.append(f"  #{r.id}  {_when(r.created_at)}  {r.kind:<16} {r.status:<8} {names}{files}{label}")
     return lines
 
 

@@ -100,3 +100,21 @@ def test_deleting_the_session_removes_its_inspections_and_folder(store, db):
         assert con.execute("SELECT COUNT(*) FROM inspections").fetchone() == (0,)
     finally:
         con.close()
+
+
+def test_sessions_show_lists_inspections(store, capsys):
+    from core.cli import main
+
+    sid = store.create_session("look").id
+    store.add_inspection(sid, kind="weights", models=["/m/alpha", "/m/beta"], settings={}, results={},
+                         label="diff")
+    store.close()
+    assert main(["sessions", "show", str(sid)]) == 0
+    out = capsys.readouterr().out
+    assert "Compare and inspect (1, newest first):" in out
+    assert "weights" in out and "alpha, beta" in out and '"diff"' in out
+    assert main(["sessions", "show", str(sid), "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["inspections"][0]["kind"] == "weights"

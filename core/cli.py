@@ -15,6 +15,8 @@ app through ``app/launcher.py``, which calls this for everything else):
     mergestudio sessions list [--json]                          (see core/sessions/cli.py)
     mergestudio sessions show ID [--json]
     mergestudio lora merge|combine|extract|show ...             (see core/lora/cli.py)
+    mergestudio compare text|image ...                          (see core/generate/cli.py)
+    mergestudio inspect attention|tokens|diff ...               (see core/inspect/cli.py)
 
 Exit status 0 on success; otherwise 1 (bad input, one line on stderr), 130
 (cancelled with Ctrl-C) or 2 (usage). ``--debug`` shows tracebacks.
@@ -145,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     from core.lora.cli import add_parser as add_lora_parser  # mergestudio lora merge|combine|extract|show
 
     add_lora_parser(sub)
+
+    from core.generate.cli import add_parser as add_compare_parser  # mergestudio compare text|image
+
+    add_compare_parser(sub)
+
+    from core.inspect.cli import add_parser as add_inspect_parser  # mergestudio inspect attention|tokens|diff
+
+    add_inspect_parser(sub)
     return parser
 
 
@@ -248,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         # `mergestudio` with no arguments opens the app (app/launcher.py); here, in
         # the headless engine, options without a command are a usage mistake.
-        print("mergestudio: error: give a command (merge, check, methods, tokens, models, sessions, lora); "
+        print("mergestudio: error: give a command (merge, check, methods, tokens, models, sessions, lora, compare, inspect); "
               "run mergestudio without arguments to open the app.", file=sys.stderr)
         return 2
     try:
@@ -270,6 +280,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from core.lora.cli import run as run_lora
 
             return run_lora(args)
+        if args.command == "compare":
+            from core.generate.cli import run as run_compare
+
+            return run_compare(args)
+        if args.command == "inspect":
+            from core.inspect.cli import run as run_inspect
+
+            return run_inspect(args)
         return _methods(args)
     except BrokenPipeError:
         # The reader went away (`mergestudio methods | head`): not an error.

@@ -147,11 +147,20 @@ class MainWindow(QMainWindow):
 
         self.lora = LoraPanel(self.library)
         self.lora.jobRequested.connect(self.start_function_job)
+        from app.compare_panel import ComparePanel
+
+        self.compare = ComparePanel(self.library, self.sessions, recipe_source=self._recipe_for_compare)
+        self.compare.problem.connect(lambda text: self.notify(text))
+        from app.inspect_panel import InspectPanel
+
+        self.inspect = InspectPanel(self.library, self.sessions)
+        self.inspect.problem.connect(lambda text: self.notify(text))
         self.workspace.addTab(self.editor, "Merge")
         self.workspace.addTab(self.lora, "LoRA")
         self.workspace.addTab(self.tokens, "Tokens")
+        self.workspace.addTab(self.compare, "Compare")
+        self.workspace.addTab(self.inspect, "Inspect")
         self.workspace.addTab(self.history, "History")
-        # Later panels (Compare, Inspect) are added as more tabs of this workspace.
         centre = QWidget()
         centre_layout = QVBoxLayout(centre)
         centre_layout.setContentsMargins(0, 0, 0, 0)
@@ -294,6 +303,14 @@ class MainWindow(QMainWindow):
     def notify(self, text: str, actions: Optional[list] = None) -> None:
         self.notice.show_message(" ".join(str(text).split()), actions or [])
 
+    def _recipe_for_compare(self) -> Optional[dict]:
+        """The recipe being edited, as mergekit's YAML gives it (merged in memory by the Compare tab); None if empty."""
+        if not self.doc.slots:
+            return None
+        import yaml
+
+        return yaml.safe_load(self.doc.to_yaml())
+
     def _device_text(self) -> str:
         # Without importing torch in the window: the merge process reports the device it used.
         gpu = Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
@@ -329,6 +346,7 @@ class MainWindow(QMainWindow):
             app_settings.set_value("sessions/last", session.id)
         self.history.set_session(self.sessions.store, session.id)
         self.tokens.refresh_runs()
+        self.compare.refresh_earlier()
 
     def _history_changed(self) -> None:
         if self.sessions.session is not None:
@@ -668,6 +686,8 @@ class MainWindow(QMainWindow):
             job.stop()
         self.library_panel.stop()
         self.tokens.stop()  # no measurement starts once the window closes
+        self.compare.stop()
+        self.inspect.stop()
         # Each job's own answer first (a merge process may have written its output just before Stop)...
         if not all(job.worker is None or job.worker.wait(CLOSE_GRACE_MS) for job in running):
             for job in running:  # a merge process that did not stop in time is killed: it leaves nothing

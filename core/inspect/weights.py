@@ -25,9 +25,10 @@ means "absent" (or the one undefined ``rel_l2`` case above).
 
 Streaming: for each tensor name the reference tensor and one tensor per compared model
 are read (:meth:`core.io.formats.ModelSource.get`), reduced to a few numbers and
-dropped before the next name is read; peak memory is a few copies of the largest
-tensor, whatever the model size. Figures are computed in float64 (float32 on MPS,
-which has no float64). torch is imported inside the functions.
+dropped before the next name is read. The arithmetic runs in float64 (float32 on MPS,
+which has no float64) over chunks of at most a million entries
+(:mod:`core.inspect.chunked`), so peak memory is the tensors of one name as stored
+plus a few chunks, whatever the model size. torch is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence, Union
 
 from core.errors import MergeStudioError, ModelError
+from core.inspect import chunked
 from core.io.formats import ModelSource, open_model
 from core.jobs import Progress, drive
 from core.merge.layers import detect_layout
@@ -326,13 +328,13 @@ def iter_weight_diff(
         yield Progress(0, len(names), 0, bytes_total, 0.0, f"comparing {len(names)} tensors")
         results: list[TensorDiff] = []
         for i, name in enumerate(names):
-            ref_t = ref.get(name).to(device=device, dtype=dtype)
-            deltas = []
-            for o in others:
-                # x - ref straight away: the model's tensor is dropped as soon as it is read.
-                deltas.append(o.get(name).to(device=device, dtype=dtype) - ref_t)
-            figures = tensor_figures(ref_t, deltas)
-            del ref_t, deltas
+            # Each tensor as read (its own dtype); the float64 arithmetic runs over
+            # bounded chunks of it (core/inspect/chunked.py), so a huge embedding
+            # costs its size on disk once per model, not several float64 copies.
+            ref_t = ref.get(name).to(device=device)
+            tensors = [o.get(name).to(device=device) for o in others]
+            figures = chunked.figures(ref_t, tensors, dtype)
+            del ref_t, tensors
             split = layout.split(name)
             layer, module = split if split is not None else (None, name)
             info = ref.tensors[name]

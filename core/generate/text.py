@@ -29,7 +29,6 @@ drawing a token), so they measure the model, not the window.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -361,8 +360,13 @@ class MemoryMonitor:
 
 
 def free_memory(device: str) -> None:
-    """Return what the last pane held (Python cycles, the CUDA cache)."""
-    gc.collect()
+    """Return what the last pane held to the device (the CUDA cache).
+
+    No ``gc.collect()`` here: a loaded model is freed by reference counting when the
+    pane drops it (tested), and a full collection holds the interpreter lock for a
+    few hundred milliseconds, which would stall the app's window; in the app,
+    garbage is collected on the GUI thread only (app/gc_control.py).
+    """
     if device.startswith("cuda"):
         import torch
 

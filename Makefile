@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench bench-sd bench-tokens bench-app clean
+.PHONY: run test setup bench bench-sd bench-tokens bench-app bench-inspect clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 bench-sd: $(STAMP)
 	$(PY) bench/bench_sd.py
+
+bench-inspect: $(STAMP)
+	$(PY) bench/bench_inspect.py
 
 bench-tokens: $(STAMP)
 	$(PY) bench/bench_tokens.py

@@ -257,12 +257,15 @@ class ComparePanel(QWidget):
         side_layout.setContentsMargins(0, 0, 0, 0)
         side_layout.addWidget(QLabel("Earlier runs in this session"))
         self.earlier_list = QListWidget()
+        self.earlier_list.setWordWrap(True)
         self.earlier_list.itemActivated.connect(lambda item: self.show_earlier(self.earlier_list.row(item)))
         self.earlier_list.itemClicked.connect(lambda item: self.show_earlier(self.earlier_list.row(item)))
         side_layout.addWidget(self.earlier_list, 1)
+        side.setMaximumWidth(340)
         split.addWidget(side)
-        split.setStretchFactor(0, 4)
+        split.setStretchFactor(0, 5)
         split.setStretchFactor(1, 1)
+        split.setSizes([900, 260])
         top.addWidget(split, 1)
         self._mode_changed()
 
@@ -581,6 +584,7 @@ class ComparePanel(QWidget):
             when = r.created_at.astimezone().strftime("%H:%M:%S") if r.created_at else ""
             prompt = str(r.settings.get("prompt", ""))[:40]
             self.earlier_list.addItem(f"{when}  {r.kind[8:]}  {len(r.models)} models  {r.status}  “{prompt}”")
+            self.earlier_list.item(self.earlier_list.count() - 1).setToolTip("\n".join(r.models))
 
     def show_earlier(self, row: int) -> None:
         """Show a stored comparison again in the panes (text and figures; images from their files)."""

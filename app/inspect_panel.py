@@ -188,7 +188,8 @@ def short_labels(names: Sequence[str]) -> list[str]:
                 break
         else:
             out.append(".".join(mine))  # the same name twice: keep it whole
-    return out
+    # Norm layers have the longest names and the least to show: "post_attention_layernorm" -> "post_attention_norm".
+    return [label.replace("layernorm", "norm").replace("layer_norm", "norm") for label in out]
 
 
 def _sentence(text: str) -> str:
@@ -1192,8 +1193,8 @@ class WeightsTab(_Tab):
         self.cell_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.cell_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Interactive)
         self.cell_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        self.cell_table.setColumnWidth(0, 190)
-        self.cell_table.setMinimumWidth(300)
+        self.cell_table.setColumnWidth(0, 165)
+        self.cell_table.setMinimumWidth(310)
         self.cell_table.setWordWrap(False)
         self.cell_table.setToolTip("Click a cell of the heat map to see that tensor's figures")
         self.skipped_label = QLabel("")
@@ -1232,7 +1233,7 @@ class WeightsTab(_Tab):
         views.addWidget(self.cell_table)
         views.setStretchFactor(0, 3)
         views.setStretchFactor(1, 1)
-        views.setSizes([560, 320])
+        views.setSizes([700, 240])
         r_layout.addWidget(views, 1)
         r_layout.addWidget(self.skipped_label)
         splitter = QSplitter()
@@ -1345,7 +1346,8 @@ class WeightsTab(_Tab):
             label += f": {self.compared_combo.currentText()}"
         levels = (-1.0, 1.0) if metric == "cosine" else None
         shown = short_labels(modules)  # the full name is in the cell table
-        self.heatmap.set_data(values, [f"layer {layer}" for layer in layers], shown, title=label, levels=levels)
+        self.heatmap.set_data(values, [str(layer) for layer in layers], shown, title=label, levels=levels)
+        self.heatmap.plot_item.setLabel("left", "layer")
 
     def show_cell(self, row: int, col: int) -> None:
         """That tensor's figures in the small table (a cell the layer lacks says so)."""

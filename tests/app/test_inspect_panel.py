@@ -373,7 +373,7 @@ def test_weights_heatmap_equals_the_diff_and_a_click_shows_the_tensor(qtbot, pan
             assert shown.shape == expected.shape == (len(layers), len(modules))
             np.testing.assert_array_equal(np.isnan(shown), np.isnan(expected))
             np.testing.assert_allclose(shown[~np.isnan(shown)], expected[~np.isnan(expected)], rtol=1e-6)
-    assert tab.heatmap.row_labels == [f"layer {layer}" for layer in reference.layers]
+    assert tab.heatmap.row_labels == [str(layer) for layer in reference.layers]
     assert tab.heatmap.col_labels == short_labels(reference.modules)
     assert len(set(tab.heatmap.col_labels)) == len(reference.modules)
     shown_ticks = tab.heatmap.ticks("bottom")  # thinned to what fits, every k-th from the first
@@ -467,6 +467,8 @@ def test_parse_layers_and_short_labels():
 
     assert short_labels(["self_attn.q_proj.weight", "mlp.q_proj.weight", "mlp.up_proj.weight", "mlp.up_proj.bias"]) == [
         "self_attn.q_proj", "mlp.q_proj", "up_proj", "up_proj.bias"]
+    assert short_labels(["input_layernorm.weight", "post_attention_layernorm.weight"]) == [
+        "input_norm", "post_attention_norm"]
 
     assert parse_layers("") is None and parse_layers(" all ") is None
     assert parse_layers("3, 0, 4-6") == [0, 3, 4, 5, 6]

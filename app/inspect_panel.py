@@ -77,8 +77,8 @@ _VISION_TYPES = ("vit", "deit")
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def parse_layers(text: str) -> Optional[list[int]]:
-    """The layers field: empty or "all" -> None (every layer); "0, 2, 4-6" -> [0, 2, 4, 5, 6].
+def parse_layers(text: str, field: str = "layers") -> Optional[list[int]]:
+    """The layers field (or another index field): empty or "all" -> None (every one); "0, 2, 4-6" -> [0, 2, 4, 5, 6].
 
     ValueError (one sentence) for anything else; the engine checks the range.
     """
@@ -101,7 +101,7 @@ def parse_layers(text: str) -> Optional[list[int]]:
                 out.append(int(part))
         except ValueError:
             raise ValueError(
-                f"The layers field {text!r} is not a list of layer numbers like '0, 2, 4-6' (or 'all')."
+                f"The {field} field {text!r} is not a list of numbers like '0, 2, 4-6' (or 'all')."
             ) from None
     return sorted(set(out))
 
@@ -226,10 +226,14 @@ def _capture_vision(path: str, image: str, layers: Optional[list[int]], r: int, 
     return result, saved
 
 
-def _capture_cross(path: str, prompt: str, steps: int, size: int, seed: int, device: str, out: Optional[Path]):
+def _capture_cross(path: str, prompt: str, steps: int, size: tuple[int, int], seed: int, device: str,
+                   out: Optional[Path], timesteps: Optional[list[int]] = None, level: Optional[str] = None,
+                   heads: Optional[list[int]] = None):
     from core.inspect.cross_attention import iter_cross_attention
 
-    result = yield from iter_cross_attention(path, prompt, steps=steps, height=size, width=size, seed=seed,
+    width, height = size
+    result = yield from iter_cross_attention(path, prompt, steps=steps, height=height, width=width, seed=seed,
+                                             timesteps=timesteps, layers=[level] if level else None, heads=heads,
                                              device=_resolve_device(device))
     saved = result.save_npz(out) if out is not None else None
     return result, saved
@@ -591,7 +595,21 @@ class AttentionTab(_Tab):
         self.size_spin.setRange(64, 2048)
         self.size_spin.setSingleStep(64)
         self.size_spin.setValue(512)
-        self.size_spin.setToolTip("Image height and width (a multiple of 8)")
+        self.size_spin.setToolTip("Image width (a multiple of 8)")
+        self.height_spin = QSpinBox()
+        self.height_spin.setRange(64, 2048)
+        self.height_spin.setSingleStep(64)
+        self.height_spin.setValue(512)
+        self.height_spin.setToolTip("Image height (a multiple of 8)")
+        self.timesteps_edit = QLineEdit()
+        self.timesteps_edit.setPlaceholderText("all steps (or e.g. 0-9)")
+        self.timesteps_edit.setToolTip("Denoising steps (0-based) whose attention is summed")
+        self.level_combo = QComboBox()
+        for label, level in (("all cross-attention layers", None), ("down blocks", "down"),
+                             ("middle block", "mid"), ("up blocks", "up")):
+            self.level_combo.addItem(label, level)
+        self.heads_edit = QLineEdit()
+        self.heads_edit.setPlaceholderText("all heads (or e.g. 0, 2)")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.device_combo = _device_combo()
@@ -606,7 +624,11 @@ class AttentionTab(_Tab):
         form.addRow("Layers", self.layers_edit)
         form.addRow("Token merging r", self.r_spin)
         form.addRow("Steps", self.steps_spin)
-        form.addRow("Size", self.size_spin)
+        form.addRow("Width", self.size_spin)
+        form.addRow("Height", self.height_spin)
+        form.addRow("Steps summed", self.timesteps_edit)
+        form.addRow("UNet layers", self.level_combo)
+        form.addRow("Heads", self.heads_edit)
         form.addRow("Seed", self.seed_spin)
         form.addRow("Device", self.device_combo)
         buttons = QHBoxLayout()
@@ -702,7 +724,8 @@ class AttentionTab(_Tab):
         self.form.setRowVisible(self.image_combo, kind == "vision")
         self.form.setRowVisible(self.layers_edit, kind in ("text", "vision"))
         self.form.setRowVisible(self.r_spin, kind == "vision")
-        for spin in (self.steps_spin, self.size_spin, self.seed_spin):
+        for spin in (self.steps_spin, self.size_spin, self.height_spin, self.seed_spin, self.timesteps_edit,
+                     self.level_combo, self.heads_edit):
             self.form.setRowVisible(spin, kind == "diffusion")
         if kind == "diffusion" and self.text_edit.text() == DEFAULT_TEXT:
             self.text_edit.setText(DEFAULT_PROMPT)
@@ -766,11 +789,20 @@ class AttentionTab(_Tab):
             out = self.output_path("vision-attention", ".npz")
             args = (_capture_vision, path, image, layers, self.r_spin.value(), device, out)
         else:
-            settings = {"prompt": text, "steps": self.steps_spin.value(), "height": self.size_spin.value(),
-                        "width": self.size_spin.value(), "seed": self.seed_spin.value(), "device": device}
+            try:
+                timesteps = parse_layers(self.timesteps_edit.text(), "steps summed")
+                heads = parse_layers(self.heads_edit.text(), "heads")
+            except ValueError as exc:
+                self.fail(str(exc))
+                return None
+            level = self.level_combo.currentData()
+            size = (self.size_spin.value(), self.height_spin.value())
+            settings = {"prompt": text, "steps": self.steps_spin.value(), "width": size[0], "height": size[1],
+                        "seed": self.seed_spin.value(), "timesteps": timesteps, "layers": level, "heads": heads,
+                        "device": device}
             out = self.output_path("cross-attention", ".npz")
-            args = (_capture_cross, path, text, self.steps_spin.value(), self.size_spin.value(),
-                    self.seed_spin.value(), device, out)
+            args = (_capture_cross, path, text, self.steps_spin.value(), size, self.seed_spin.value(), device, out,
+                    timesteps, level, heads)
         self.status_label.setText(f"Capturing {Path(path).name}…")
         return self.start(*args, on_result=lambda value: self._captured(value, kind, path, settings, sid))
 

@@ -3,7 +3,7 @@
     mergestudio inspect attention MODEL --text T [--layers 0,5] [--max-length N] [--save maps.npz] [--json]
     mergestudio inspect attention VIT_MODEL --image IMG [--token-merging R] [--layers ...] [--save ...] [--json]
     mergestudio inspect attention PIPELINE --text PROMPT [--steps N] [--seed S] [--height H] [--width W]
-                     [--timesteps 0,1] [--save maps.npz] [--json]
+                     [--timesteps 0,1] [--unet-level down|mid|up] [--heads 0,1] [--save maps.npz] [--json]
     mergestudio inspect tokens MODEL... --text T [--premium] [--json]
     mergestudio inspect diff MODEL_A MODEL_B [MODEL...] [--base MODEL] [--top N] [--json]
 
@@ -44,12 +44,15 @@ def add_parser(sub: Any) -> None:
     att.add_argument("--layers", type=_layers, help="0-based layers to capture, e.g. 0,5 (default: all)")
     att.add_argument("--max-length", type=int, help="cut the text at this many tokens (reported)")
     att.add_argument("--token-merging", type=int, metavar="R", help="vision: ToMe with r tokens merged per layer")
-    att.add_argument("--steps", type=int, default=20, help="pipeline: denoising steps")
-    att.add_argument("--seed", type=int, default=0)
-    att.add_argument("--height", type=int, default=512)
-    att.add_argument("--width", type=int, default=512)
-    att.add_argument("--guidance", type=float, default=7.5)
+    att.add_argument("--steps", type=int, help="pipeline: denoising steps (default 20)")
+    att.add_argument("--seed", type=int, help="pipeline: seed of the noise (default 0)")
+    att.add_argument("--height", type=int, help="pipeline: image height (default 512)")
+    att.add_argument("--width", type=int, help="pipeline: image width (default 512)")
+    att.add_argument("--guidance", type=float, help="pipeline: guidance scale (default 7.5)")
     att.add_argument("--timesteps", type=_layers, help="pipeline: step indices to aggregate (default: all)")
+    att.add_argument("--unet-level", choices=("down", "mid", "up"), action="append",
+                     help="pipeline: sum the cross-attention of these UNet levels only (repeatable; default all)")
+    att.add_argument("--heads", type=_layers, help="pipeline: head indices to sum (default: all)")
     att.add_argument("--save", type=Path, help="write the maps to this .npz file")
     att.add_argument("--device", default="auto")
     att.add_argument("--json", action="store_true")
@@ -109,27 +112,52 @@ def run(args: argparse.Namespace) -> int:
     return _diff(args)
 
 
+_PIPELINE_FLAGS = ("steps", "seed", "height", "width", "guidance", "timesteps", "unet_level", "heads")
+_FLAGS_OF = {
+    "cross-attention": set(_PIPELINE_FLAGS) | {"text"},
+    "vision-attention": {"image", "layers", "token_merging"},
+    "attention": {"text", "layers", "max_length"},
+}
+_WHAT = {"cross-attention": "a diffusers pipeline", "vision-attention": "a vision transformer (with --image)",
+         "attention": "a text model"}
+
+
+def _refuse_foreign_flags(kind: str, folder: Path, args: argparse.Namespace) -> None:
+    """A flag that does nothing for this kind of model is an error, not silently ignored."""
+    for name in ("text", "image", "layers", "max_length", "token_merging", *_PIPELINE_FLAGS):
+        if getattr(args, name) is not None and name not in _FLAGS_OF[kind]:
+            owners = [k for k, flags in _FLAGS_OF.items() if name in flags]
+            flag = "--" + name.replace("_", "-")
+            raise MergeStudioError(f"{flag} applies to {' or '.join(_WHAT[k] for k in owners)}; "
+                                   f"{folder} is {_WHAT[kind]}.")
+
+
 def _attention(args: argparse.Namespace) -> int:
     from core.jobs import drive
 
     folder: Path = args.model
     show = _progress(not args.json)
-    if (folder / "model_index.json").is_file():
+    kind = ("cross-attention" if (folder / "model_index.json").is_file()
+            else "vision-attention" if args.image is not None else "attention")
+    _refuse_foreign_flags(kind, folder, args)
+    if kind == "cross-attention":
         from core.inspect.cross_attention import iter_cross_attention
 
         if not args.text:
             raise MergeStudioError(f"{folder} is a diffusers pipeline: give the prompt with --text.")
+        def given(value, default):
+            return default if value is None else value
+
         result = drive(iter_cross_attention(
-            str(folder), args.text, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
-            guidance_scale=args.guidance, timesteps=args.timesteps, device=_device(args.device)), show)
-        kind = "cross-attention"
-    elif args.image is not None:
+            str(folder), args.text, seed=given(args.seed, 0), steps=given(args.steps, 20),
+            height=given(args.height, 512), width=given(args.width, 512), guidance_scale=given(args.guidance, 7.5),
+            timesteps=args.timesteps, layers=args.unet_level, heads=args.heads, device=_device(args.device)), show)
+    elif kind == "vision-attention":
         from core.inspect.attention import iter_vision_attention
 
         merging = {"method": "tome", "r": args.token_merging} if args.token_merging else None
         result = drive(iter_vision_attention(str(folder), str(args.image), layers=args.layers,
                                              token_merging=merging, device=_device(args.device)), show)
-        kind = "vision-attention"
     else:
         from core.inspect.attention import iter_text_attention
 
@@ -137,7 +165,6 @@ def _attention(args: argparse.Namespace) -> int:
             raise MergeStudioError("Give the text to look at with --text (or an image with --image for a ViT).")
         result = drive(iter_text_attention(str(folder), args.text, layers=args.layers, max_length=args.max_length,
                                            device=_device(args.device)), show)
-        kind = "attention"
     if show:
         print(file=sys.stderr)
     report = {**result.to_json(include_maps=False), "kind": kind}
@@ -184,6 +211,9 @@ def _tokens(args: argparse.Namespace) -> int:
     from core.inspect import tokenizers
 
     if args.premium:
+        if args.text:
+            raise MergeStudioError("--premium counts the parallel text (UDHR Article 1) and takes no --text; "
+                                   "leave one of them out.")
         premium = tokenizers.token_premium([str(m) for m in args.models])
         if args.json:
             print(json.dumps(_finite(premium), indent=2))

@@ -257,11 +257,15 @@ def test_diffusion_cross_attention_token_list_and_stop(qtbot, panel, models, ses
     tab.text_edit.setText("a red house by the river")
     tab.steps_spin.setValue(2)
     tab.size_spin.setValue(64)
+    tab.height_spin.setValue(96)
+    tab.timesteps_edit.setText("1")
+    tab.level_combo.setCurrentIndex(tab.level_combo.findData("up"))
     qtbot.mouseClick(tab.capture_button, Qt.MouseButton.LeftButton)
     _wait(qtbot, tab, 1, timeout=120000)
     result = tab.result
     assert tab.token_list.count() == len(result.tokens) == 6
-    assert result.maps.shape == (6, 64, 64)
+    assert result.maps.shape == (6, 96, 64)  # [T, H, W]: height 96, width 64
+    assert result.timesteps == [1] and result.layers and all(n.startswith("up_blocks") for n in result.layers)
     np.testing.assert_array_equal(tab.overlay.rgb, result.image)
     np.testing.assert_allclose(tab.overlay.overlay_data(), result.maps[0], atol=1e-6)
     item = tab.token_list.item(5)

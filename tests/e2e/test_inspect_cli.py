@@ -89,6 +89,10 @@ def test_inspect_attention_pipeline_gives_one_map_per_prompt_token(capsys, pipel
     data = run_json(capsys, ["inspect", "attention", str(pipeline), "--text", "a photo of a red cat",
                              "--steps", "2", "--height", "64", "--width", "64"])
     assert data["kind"] == "cross-attention" and data["tokens"] == ["a", "photo", "of", "a", "red", "cat"]
+    up = run_json(capsys, ["inspect", "attention", str(pipeline), "--text", "a red cat", "--steps", "2",
+                           "--height", "64", "--width", "96", "--timesteps", "0", "--unet-level", "up"])
+    assert up["timesteps"] == [0] and all(name.startswith("up_blocks") for name in up["layers"])
+    assert (up["height"], up["width"]) == (64, 96)
 
 
 def test_compare_text_json_is_reproducible(capsys, llama_family):
@@ -120,3 +124,17 @@ def test_compare_image_writes_images_differences_and_results(capsys, pipeline, t
     assert Path(first["file"]).is_file() and Path(second["file"]).is_file()
     assert second["difference"]["mean_abs"] == 0.0  # the same pipeline and seed: the same image
     assert json.loads((out / "results.json").read_text())["panes"][0]["file"] == first["file"]
+
+
+@pytest.mark.parametrize("extra, flag", [(["--token-merging", "4"], "--token-merging"),
+                                         (["--unet-level", "up"], "--unet-level"),
+                                         (["--steps", "3"], "--steps")])
+def test_flags_that_do_not_apply_are_refused(capsys, extra, flag):
+    assert main(["inspect", "attention", str(minilm()), "--text", "hello world", *extra]) == 1
+    err = capsys.readouterr().err
+    assert flag in err and "text model" in err and err.count("\n") == 1
+
+
+def test_premium_takes_no_text(capsys):
+    assert main(["inspect", "tokens", str(minilm()), "--premium", "--text", "hi"]) == 1
+    assert "--premium" in capsys.readouterr().err

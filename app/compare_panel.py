@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QCoreApplication, Qt, Signal
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGridLayout, QGroupBox,
                                QHBoxLayout, QLabel, QListWidget, QPlainTextEdit, QProgressBar, QPushButton,
@@ -31,16 +31,41 @@ MAX_PANES = 4
 RECIPE_SOURCE = "::recipe::"  # the combo data of "the recipe being edited, merged in memory"
 
 
-def _run_text(sources: list, settings: Any, device: str, cancel: CancelToken):
+def _resolve(device: str) -> str:
+    from core.merge.executor import resolve_device
+
+    return resolve_device(device)
+
+
+def _run_text(sources: list, settings: Any, device: str, cancel: CancelToken, folder: Optional[Path]):
     from core.generate.text import iter_compare_text
 
-    return (yield from iter_compare_text(sources, settings, device=device, cancel=cancel))
+    return (yield from iter_compare_text(sources, settings, device=_resolve(device), cancel=cancel))
 
 
-def _run_images(sources: list, settings: Any, device: str, cancel: CancelToken):
+def _run_images(sources: list, settings: Any, device: str, cancel: CancelToken, folder: Optional[Path]):
+    """The comparison, with each finished image written as PNG into ``folder`` here, off the GUI thread.
+
+    The file's path is put on the result as ``saved_path`` (None when nothing was written).
+    """
     from core.generate.image import iter_compare_images
 
-    return (yield from iter_compare_images(sources, settings, device=device, cancel=cancel))
+    work = iter_compare_images(sources, settings, device=_resolve(device), cancel=cancel)
+    try:
+        while True:
+            try:
+                event = next(work)
+            except StopIteration as stop:
+                return stop.value
+            result = getattr(event, "result", None)
+            if result is not None:
+                result.saved_path = None
+                if folder is not None and getattr(result, "image", None) is not None:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    result.saved_path = result.save(folder)
+            yield event
+    finally:
+        work.close()
 
 
 def pil_to_pixmap(image: Any) -> QPixmap:
@@ -123,12 +148,12 @@ class ComparePanel(QWidget):
     runFinished = Signal(object)  # the list of results
 
     def __init__(self, library: Any, sessions: Any, recipe_source: Optional[Callable[[], Any]] = None,
-                 device: str = "cpu", parent: Optional[QWidget] = None) -> None:
+                 device: str = "auto", parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
         self.library = library
         self.sessions = sessions
         self.recipe_source = recipe_source
-        self.device = device
+        self._device = device  # the device combo's first choice; a run keeps the one it was started with
         self._worker: Optional[GeneratorWorker] = None
         self._cancel: Optional[CancelToken] = None
         self._sources: list = []
@@ -189,11 +214,21 @@ class ComparePanel(QWidget):
         self.top_p_spin.setRange(0.01, 1.0)
         self.top_p_spin.setValue(1.0)
         self.top_p_spin.setSingleStep(0.05)
+        self.top_k_spin = QSpinBox()
+        self.top_k_spin.setRange(0, 100000)
+        self.top_k_spin.setToolTip("0 = no top-k cut")
+        self.penalty_spin = QDoubleSpinBox()
+        self.penalty_spin.setRange(0.5, 3.0)
+        self.penalty_spin.setSingleStep(0.05)
+        self.penalty_spin.setValue(1.0)
+        self.penalty_spin.setToolTip("Repetition penalty (1 = none)")
         self.chat_check = QCheckBox("chat template")
         form.addRow("Seed", self.seed_spin)
         form.addRow("New tokens", self.tokens_spin)
         form.addRow("Temperature", self.temperature_spin)
         form.addRow("Top-p", self.top_p_spin)
+        form.addRow("Top-k", self.top_k_spin)
+        form.addRow("Repetition", self.penalty_spin)
         form.addRow(self.chat_check)
         settings.addWidget(self.text_box, 1)
 
@@ -228,6 +263,13 @@ class ComparePanel(QWidget):
         settings.addWidget(self.image_box, 1)
 
         buttons = QVBoxLayout()
+        self.device_combo = QComboBox()
+        for label, data in (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps")):
+            self.device_combo.addItem(label, data)
+        self.device_combo.setToolTip("Where the models run (auto: a CUDA GPU when there is one, else the CPU)")
+        index = self.device_combo.findData(self._device)
+        self.device_combo.setCurrentIndex(max(0, index))
+        buttons.addWidget(self.device_combo)
         self.run_button = QPushButton("Run")
         self.run_button.setDefault(True)
         self.run_button.clicked.connect(self.run)
@@ -348,10 +390,13 @@ class ComparePanel(QWidget):
         self._session_id = session.id if session is not None else None
         self._show_panes([s.label for s in sources])
         self._cancel = CancelToken()
+        self._device = self.device_combo.currentData()
         func = _run_text if self._mode == "text" else _run_images
-        worker = GeneratorWorker(func, sources, settings, self.device, self._cancel)
+        folder = self._image_folder() if self._mode == "image" else None
+        worker = GeneratorWorker(func, sources, settings, self._device, self._cancel, folder)
         worker.yielded.connect(self._event)
         worker.returned.connect(self._returned)
+        worker.cancelled.connect(self._cancelled)
         worker.errored.connect(self._failed)
         worker.finished.connect(self._worker_done)
         self._worker = worker
@@ -387,6 +432,7 @@ class ComparePanel(QWidget):
                     sources.append(TextSource(label=unique(name), model=data))
             settings = TextSettings(prompt=prompt, seed=self.seed_spin.value(), max_new_tokens=self.tokens_spin.value(),
                                     temperature=self.temperature_spin.value(), top_p=self.top_p_spin.value(),
+                                    top_k=self.top_k_spin.value(), repetition_penalty=self.penalty_spin.value(),
                                     chat_template=self.chat_check.isChecked())
             return sources, settings
         from core.generate.image import ImageSettings, ImageSource
@@ -405,6 +451,22 @@ class ComparePanel(QWidget):
                                  guidance_scale=self.guidance_spin.value())
         return sources, settings
 
+    def _image_folder(self) -> Optional[Path]:
+        """A new folder for this run's images in the session's folder (None without a session)."""
+        import uuid
+
+        from core.errors import MergeStudioError
+
+        store = getattr(self.sessions, "store", None)
+        if store is None or self._session_id is None:
+            return None
+        try:
+            root = Path(store.inspection_dir(self._session_id))
+        except MergeStudioError as exc:
+            self.problem.emit(f"The images of this comparison will not be kept: {exc}")
+            return None
+        return root / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
     def _show_panes(self, labels: list[str]) -> None:
         for pane in self.panes + [self.diff_pane]:
             self.grid.removeWidget(pane)
@@ -416,7 +478,7 @@ class ComparePanel(QWidget):
             self.grid.addWidget(pane, i // max(1, columns), i % max(1, columns))
             pane.show()
         if self._mode == "image":
-            self.diff_pane.reset("Difference (pane 2 vs pane 1)", "image")
+            self.diff_pane.reset("Difference", "image")
             self.diff_pane.figures.setText("shown when two images are done")
             n = len(labels)
             self.grid.addWidget(self.diff_pane, n // max(1, columns), n % max(1, columns))
@@ -429,12 +491,19 @@ class ComparePanel(QWidget):
         self.status_label.setText("Stopping…")
 
     def stop(self) -> None:
-        """The window closes."""
+        """The window closes: the run stops at its next token or step and what finished is kept."""
         self._closed = True
         if self._cancel is not None:
             self._cancel.cancel()
-        if self._worker is not None and self._worker.is_running():
-            self._worker.quit()
+
+    def keep_finished(self, msecs: int) -> None:
+        """At close, after :meth:`stop`: wait for the run to end (it stops at its next token or step) and
+        deliver its last reports now, so what finished is recorded before the session store closes."""
+        worker = self._worker
+        if worker is not None and worker.is_running():
+            worker.wait(msecs)
+        if worker is not None:
+            QCoreApplication.sendPostedEvents(worker)
 
     # -- events from the worker (GUI thread) --------------------------------------------
     def _event(self, event: Any) -> None:
@@ -471,13 +540,27 @@ class ComparePanel(QWidget):
         pane.finish(result.status, image_figures(result), result.error)
         self._update_difference()
 
+    def _difference_pair(self) -> Optional[tuple[Any, Any]]:
+        """The two finished images to compare: the token-merging variant against the pipeline it varies
+        (merging on/off), otherwise the second pane against the first."""
+        by_pane = {r.pane: r for r in self.results if getattr(r, "image", None) is not None}
+        for i, source in enumerate(self._sources):
+            if getattr(source, "token_merging", None):
+                plain = next((j for j, other in enumerate(self._sources) if other.pipeline == source.pipeline
+                              and not getattr(other, "token_merging", None)), None)
+                if plain is not None:
+                    return (by_pane[plain], by_pane[i]) if plain in by_pane and i in by_pane else None
+        return (by_pane[0], by_pane[1]) if 0 in by_pane and 1 in by_pane else None
+
     def _update_difference(self) -> None:
-        done = [r for r in self.results if getattr(r, "image", None) is not None]
-        if len(done) < 2 or self.difference_stats is not None:
+        if self.difference_stats is not None:
+            return
+        pair = self._difference_pair()
+        if pair is None:
             return
         from core.generate.image import difference_image
 
-        first, second = done[0], done[1]
+        first, second = pair
         try:
             image, stats = difference_image(first.image, second.image)
         except Exception as exc:  # e.g. different sizes: say so, keep the panes
@@ -504,6 +587,11 @@ class ComparePanel(QWidget):
             parts.append(f"{failed} failed")
         self.status_label.setText(", ".join(parts) + ".")
         self.runFinished.emit(list(self.results))
+
+    def _cancelled(self) -> None:
+        """The worker was stopped before it could return (the window closed): keep the panes that finished."""
+        if self.results:
+            self._record()
 
     def _failed(self, text: str) -> None:
         self._say(text)
@@ -536,17 +624,12 @@ class ComparePanel(QWidget):
         files: list[str] = []
         panes = []
         try:
-            folder = Path(store.inspection_dir(session_id)) if self._run_mode == "image" else None
-            stamp = time.strftime("%Y%m%d-%H%M%S")
             for r in self.results:
                 entry = r.to_json()
-                if folder is not None and getattr(r, "image", None) is not None:
-                    path = folder / f"compare-{stamp}-{r.pane}.png"
-                    tmp = path.with_name(path.name + ".tmp")
-                    r.image.save(tmp, format="PNG")
-                    tmp.replace(path)
-                    files.append(str(path))
-                    entry["file"] = str(path)
+                saved = getattr(r, "saved_path", None)  # written by the worker
+                if saved is not None:
+                    files.append(str(saved))
+                    entry["file"] = str(saved)
                 panes.append(entry)
             statuses = {r.status for r in self.results}
             status = ("done" if statuses == {"done"} else "failed" if statuses == {"failed"}
@@ -558,13 +641,15 @@ class ComparePanel(QWidget):
             models = [getattr(s, "model", None) or getattr(s, "pipeline", None) or "(recipe in memory)"
                       for s in self._sources]
             settings = {**self._settings.to_json(), "labels": [s.label for s in self._sources],
-                        "token_merging": [getattr(s, "token_merging", None) for s in self._sources]}
+                        "token_merging": [getattr(s, "token_merging", None) for s in self._sources],
+                        "device": self._device}
             store.add_inspection(session_id, kind=f"compare-{self._run_mode}", models=models, settings=settings,
                                  results=results, files=files, status=status)
         except (MergeStudioError, OSError) as exc:
             for f in files:
                 Path(f).unlink(missing_ok=True)
             self.problem.emit(f"This comparison was not saved in the session: {exc}")
+            return
             return
         self.refresh_earlier()
 

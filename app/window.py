@@ -688,6 +688,7 @@ class MainWindow(QMainWindow):
         self.tokens.stop()  # no measurement starts once the window closes
         self.compare.stop()
         self.inspect.stop()
+        self.compare.keep_finished(CLOSE_GRACE_MS)  # the panes that finished are recorded before the store closes
         # Each job's own answer first (a merge process may have written its output just before Stop)...
         if not all(job.worker is None or job.worker.wait(CLOSE_GRACE_MS) for job in running):
             for job in running:  # a merge process that did not stop in time is killed: it leaves nothing

@@ -59,6 +59,8 @@ def test_two_models_stream_into_their_panes_and_the_run_is_kept(qtbot, make_wind
     panel.select_sources([str(compare_models / "llama-base"), str(compare_models / "llama-a")])
     panel.prompt_edit.setPlainText("hello world")
     panel.tokens_spin.setValue(8)
+    panel.top_k_spin.setValue(5)
+    panel.penalty_spin.setValue(1.2)
     streamed = []
     panel.panes[0].text.textChanged.connect(lambda: streamed.append(panel.panes[0].text.toPlainText()))
     _run(qtbot, panel)
@@ -71,6 +73,7 @@ def test_two_models_stream_into_their_panes_and_the_run_is_kept(qtbot, make_wind
     assert record.status == "done" and record.models == [str(compare_models / "llama-base"),
                                                          str(compare_models / "llama-a")]
     assert [p["text"] for p in record.results["panes"]] == [r.text for r in panel.results]
+    assert record.settings["top_k"] == 5 and record.settings["repetition_penalty"] == 1.2
     assert panel.earlier_list.count() == 1
     # Shown again from the session.
     panel.panes[0].text.clear()
@@ -139,6 +142,33 @@ def test_images_side_by_side_with_token_merging_and_a_difference(qtbot, make_win
     assert [r.status for r in panel.results] == ["done"] * 3
     assert panel.results[2].token_merging and panel.results[2].token_merging["method"] == "tomesd"
     assert panel.panes[0].pixmap is not None and panel.panes[0].pixmap.width() == 64
-    assert panel.difference_stats is not None and panel.difference_stats["mean_abs"] > 0  # seeds 0 and 1 differ
+    # The difference shown is token merging on/off: the variant against its own pipeline.
+    assert "ToMe" in panel.diff_pane.title.text() and "pipe-a" in panel.diff_pane.title.text()
+    assert panel.difference_stats is not None and panel.difference_stats["mean_abs"] > 0
     (record,) = window.sessions.store.list_inspections(window.sessions.session.id, kind="compare-image")
     assert len(record.files) == 3 and all(Path(f).is_file() for f in record.files)
+    assert len({Path(f).parent for f in record.files}) == 1  # one folder per run: runs never overwrite
+    assert record.settings["device"] == "auto"
+
+
+def test_closing_during_a_run_keeps_the_panes_that_finished(qtbot, make_window, compare_models, fresh_home):
+    from core.sessions import SessionStore
+
+    window, panel = _ready(qtbot, make_window, compare_models)
+    session_id = window.sessions.session.id
+    panel.select_sources([str(compare_models / "llama-base"), str(compare_models / "llama-long")])
+    panel.prompt_edit.setPlainText("hello")
+    panel.tokens_spin.setValue(120)
+    panel.run()
+    qtbot.waitUntil(lambda: len(panel.results) == 1, timeout=60000)  # the first pane is done
+    first = panel.results[0]
+    window.confirm_quit = False
+    window.close()  # the second pane is loading or generating
+    assert not panel.is_running()
+    store = SessionStore.open(fresh_home / "sessions.db")
+    try:
+        (record,) = store.list_inspections(session_id, kind="compare-text")
+    finally:
+        store.close()
+    assert record.results["panes"][0]["status"] == "done"
+    assert record.results["panes"][0]["text"] == first.text

@@ -532,12 +532,13 @@ class ComparePanel(QWidget):
 
     def _pane_finished(self, pane: Pane, result: Any) -> None:
         self.results.append(result)
+        notes = "".join(f"\nnote: {n}" for n in getattr(result, "notes", None) or [])
         if self._run_mode == "text":
-            pane.finish(result.status, text_figures(result), result.error)
+            pane.finish(result.status, text_figures(result) + notes, result.error)
             return
         if getattr(result, "image", None) is not None:
             pane.show_image(pil_to_pixmap(result.image))
-        pane.finish(result.status, image_figures(result), result.error)
+        pane.finish(result.status, image_figures(result) + notes, result.error)
         self._update_difference()
 
     def _difference_pair(self) -> Optional[tuple[Any, Any]]:

@@ -19,6 +19,9 @@ def compare_models(llama_family, tmp_path_factory) -> Path:
     for key in ("base", "a"):
         shutil.copytree(llama_family[key], root / f"llama-{key}")
     shutil.copytree(llama_family["base"], root / "llama-copy")
+    from tests.fixtures.tiny_models import make_base
+
+    make_base(root / "gpt2-base", arch="gpt2", vocab=300)  # another vocabulary than llama's
     long = shutil.copytree(llama_family["base"], root / "llama-long")  # rotary: more positions need no weights
     config = json.loads((long / "config.json").read_text())
     config["max_position_embeddings"] = 8192
@@ -172,3 +175,14 @@ def test_closing_during_a_run_keeps_the_panes_that_finished(qtbot, make_window, 
         store.close()
     assert record.results["panes"][0]["status"] == "done"
     assert record.results["panes"][0]["text"] == first.text
+
+
+def test_different_tokenizers_are_said_in_the_panes(qtbot, make_window, compare_models):
+    window, panel = _ready(qtbot, make_window, compare_models)
+    panel.select_sources([str(compare_models / "llama-base"), str(compare_models / "gpt2-base")])
+    panel.prompt_edit.setPlainText("hello world")
+    panel.tokens_spin.setValue(4)
+    _run(qtbot, panel)
+    assert [r.status for r in panel.results] == ["done", "done"]
+    for pane in panel.panes[:2]:
+        assert "different tokenizers" in pane.figures.text()

@@ -215,7 +215,7 @@ def test_every_plot_exports_png_and_svg(qtbot, panel, models, tmp_path):
 
 
 def test_vision_attention_overlay_with_token_merging_groups(qtbot, panel, models, sessions):
-    from app.inspect_panel import ROLLOUT
+    from app.inspect_common import ROLLOUT
 
     tab = panel.attention
     assert tab.select_model(str(models["vit"]))
@@ -293,7 +293,7 @@ def test_diffusion_cross_attention_token_list_and_stop(qtbot, panel, models, ses
 def test_token_counts_equal_the_tokenizers_and_errors_stay_in_their_row(qtbot, panel, models, sessions):
     from transformers import AutoTokenizer
 
-    from app.inspect_panel import OVER_LIMIT
+    from app.inspect_common import OVER_LIMIT
 
     tab = panel.tokens
     tab.model_list.set_checked([str(models["bert"]), str(models["base"]), str(models["notok"])])
@@ -319,7 +319,7 @@ def test_token_counts_equal_the_tokenizers_and_errors_stay_in_their_row(qtbot, p
     # The pieces view: every piece once, the ones past the limit on red.
     html_text = tab.pieces.toHtml()
     _, bert = by_model[str(models["bert"])]
-    from app.inspect_panel import pieces_html
+    from app.inspect_tokens import pieces_html
 
     snippet = pieces_html(bert)
     assert snippet.count(f"background-color:{OVER_LIMIT}") == bert.count - 128
@@ -360,7 +360,7 @@ def test_parallel_text_premium_table_and_chart(qtbot, panel, models, sessions):
 def test_weights_heatmap_equals_the_diff_and_a_click_shows_the_tensor(qtbot, panel, models, sessions):
     from safetensors.numpy import load_file
 
-    from app.inspect_panel import short_labels
+    from app.inspect_weights import short_labels
     from core.inspect.weights import weight_diff
 
     tab = panel.weights
@@ -467,7 +467,8 @@ def test_library_changes_refill_the_pickers(qtbot, panel, library, models):
 
 
 def test_parse_layers_and_short_labels():
-    from app.inspect_panel import parse_layers, short_labels
+    from app.inspect_common import parse_layers
+    from app.inspect_weights import short_labels
 
     assert short_labels(["self_attn.q_proj.weight", "mlp.q_proj.weight", "mlp.up_proj.weight", "mlp.up_proj.bias"]) == [
         "self_attn.q_proj", "mlp.q_proj", "up_proj", "up_proj.bias"]

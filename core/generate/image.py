@@ -122,7 +122,7 @@ class ImageResult:
     pane: int
     label: str
     pipeline: str
-    image: Optional["PIL.Image.Image"]  # the partial image when stopped, None when failed
+    image: Optional["PIL.Image.Image"]  # the partial image when stopped (None if no step ran), None when failed
     seconds: Optional[float]
     seconds_per_step: Optional[float]
     peak_memory_bytes: Optional[int]
@@ -268,6 +268,7 @@ def iter_image_pane(
     With ``token_merging`` the UNet is patched for this call only (removed in every
     case). Errors inside (token-merging options, out of memory, the pipeline failing)
     end the pane "failed"; closing the generator stops the pipeline and waits for it.
+    ``cancel`` already set ends the pane "stopped" before the pipeline runs (no image).
     """
     import torch
 
@@ -279,6 +280,10 @@ def iter_image_pane(
     )
     handle = None
     phase = "applying token merging"
+    if cancel.cancelled:  # Stop was pressed while the pipeline loaded: not one step, no decode
+        result.status = "stopped"
+        result.notes.append("Stopped while the pipeline loaded; nothing was generated.")
+        return result
     try:
         if token_merging is not None:
             handle = _apply_token_merging(pipe, token_merging, pipeline)
@@ -502,11 +507,15 @@ def _run_pane(
     try:
         try:
             pipe = load_pipeline(folder, device)
-        except (MergeStudioError, MemoryError, torch.OutOfMemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. pipe.to(device) raising: this pane fails, the next runs
             result = _unstarted(pane, source, folder)
             result.status, result.notes = "failed", []
-            oom = f"{folder}: ran out of memory while loading on {device}."
-            result.error = str(exc) if isinstance(exc, MergeStudioError) else oom
+            if isinstance(exc, MergeStudioError):
+                result.error = str(exc)
+            elif isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+                result.error = f"{folder}: ran out of memory while loading on {device}."
+            else:
+                result.error = f"{folder}: failed while loading on {device} ({_reason(exc)})."
         else:
             load_s = time.perf_counter() - started
             result = yield from iter_image_pane(

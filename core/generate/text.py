@@ -434,6 +434,9 @@ def _prepare(source: TextSource, settings: TextSettings) -> _Prepared:
         except MergeStudioError as exc:
             prep.error = str(exc)
             return prep
+        except Exception as exc:  # noqa: BLE001 - a recipe that breaks the planner fails its own pane only
+            prep.error = f"{prep.where}: cannot be planned as a merge ({_reason(exc)})."
+            return prep
         try:
             if plan.models[plan.config_model or 0].source.kind == "diffusers":
                 prep.error = (
@@ -452,10 +455,13 @@ def _prepare(source: TextSource, settings: TextSettings) -> _Prepared:
             tok.chat_template = _resolve_template(template, tok_folder)
         prep.tokenizer = tok
         prep.prompt_ids = _encode_prompt(tok, settings, prep)
+        vocab = tok.get_vocab()
     except MergeStudioError as exc:
         prep.error = str(exc)
         return prep
-    vocab = tok.get_vocab()
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that breaks on this prompt fails its own pane only
+        prep.error = f"{prep.where}: its tokenizer failed on the prompt ({_reason(exc)})."
+        return prep
     prep.vocab = len(vocab)
     digest = hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()
     prep.fingerprint = f"{digest}:{prep.prompt_ids}"
@@ -725,19 +731,25 @@ def _run_pane(
         _check_causal(config, prep.where)
         limit = _max_positions(config)
         n_prompt = len(prep.prompt_ids)
-        if limit is not None and n_prompt >= limit:
+        # The model sees the prompt and every new token but the last, which is never fed back:
+        # n_prompt + max_new_tokens - 1 positions.
+        if limit is not None and n_prompt > limit:
             raise MergeStudioError(
-                f"{prep.where}: the prompt is {n_prompt} tokens, more than the model's {limit - 1} "
-                f"(max positions {limit}, one left for the answer)."
+                f"{prep.where}: the prompt is {n_prompt} tokens, more than the model's {limit} positions."
             )
-        if limit is not None and n_prompt + settings.max_new_tokens > limit:
+        if limit is not None and n_prompt + settings.max_new_tokens - 1 > limit:
             raise MergeStudioError(
                 f"{prep.where}: the prompt ({n_prompt} tokens) plus max_new_tokens={settings.max_new_tokens} "
-                f"is longer than the model's {limit} positions; lower max_new_tokens to {limit - n_prompt} or less."
+                f"needs {n_prompt + settings.max_new_tokens - 1} of the model's {limit} positions; "
+                f"lower max_new_tokens to {limit - n_prompt + 1} or less."
             )
         model = _load_model(source, config, prep.where, device, merged)
         merged = None  # the model holds the weights now
         result.load_s = clock.now()
+        if cancel.cancelled:  # Stop was pressed while the model loaded: run nothing
+            result.status, result.finish_reason, result.error = "stopped", "stopped", None
+            result.notes.append("Stopped while the model loaded; nothing was generated.")
+            return result
         eos = _eos_ids(model, prep.tokenizer)
         generator = torch.Generator(device=device).manual_seed(settings.seed)
         phase = "generating"

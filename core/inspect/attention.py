@@ -692,7 +692,7 @@ def _model_name(model) -> str:
 def _unpack(model, what: str):
     """``model`` as ``(folder or None, module, companion)``: a path, a loaded module, or a (module, companion) pair."""
     if isinstance(model, (str, os.PathLike)):
-        return Path(model), None, None
+        return Path(model).expanduser(), None, None  # "~/m/bert" as the README writes it
     if isinstance(model, (tuple, list)):
         if len(model) != 2:
             raise AttentionError(f"a loaded model is given as (model, {what}); got {len(model)} items.")
@@ -944,7 +944,7 @@ def _as_image(image, size: int, resample: int | None):
     from core.tokens.lab import _read_image
 
     if isinstance(image, (str, os.PathLike)):
-        return _read_image(Path(image), size, resample)  # LabError (a MergeStudioError) naming the file
+        return _read_image(Path(image).expanduser(), size, resample)  # LabError (a MergeStudioError) naming the file
     if isinstance(image, Image.Image):
         picture = image.convert("RGB")
     else:

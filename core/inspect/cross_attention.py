@@ -54,6 +54,7 @@ import inspect
 import json
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -232,7 +233,7 @@ def attention_layers(pipeline) -> list[str]:
     ``pipeline`` is a pipeline folder, a loaded pipeline or a UNet.
     """
     if isinstance(pipeline, (str, os.PathLike)):
-        unet = _load_pipeline(Path(pipeline), "cpu").unet
+        unet = _load_pipeline(Path(pipeline).expanduser(), "cpu").unet
     else:
         unet = getattr(pipeline, "unet", pipeline)
     return list(_attn2_modules(unet))
@@ -487,10 +488,12 @@ def _load_pipeline(path: Path, device: str):
     from diffusers import StableDiffusionPipeline
 
     try:
+        # Safetensors only, from the folder only: a pickle (.bin) component could run code when read.
         pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelError(f"{path} could not be loaded as a Stable Diffusion pipeline ({_first_line(exc)}).") from None
+                                                       requires_safety_checker=False, use_safetensors=True,
+                                                       local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot be loaded as a Stable Diffusion pipeline ({_load_reason(exc)}).") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -502,6 +505,15 @@ def _check_loaded(pipe) -> None:
     if getattr(pipe, "tokenizer_2", None) is not None or getattr(pipe, "text_encoder_2", None) is not None:
         raise ModelError(
             "The pipeline has two text encoders (SDXL); cross-attention maps support SD 1.x / 2.x pipelines.")
+
+
+def _load_reason(exc: BaseException) -> str:
+    """Why from_pretrained refused: the missing safetensors file named, else the exception's first line."""
+    found = re.search(r"no file named (\S+) found in directory (.+?)\.?$", _first_line(exc))
+    if found:
+        return (f"{type(exc).__name__}: no {found.group(1)} in {found.group(2)}; only safetensors weights are "
+                f"loaded, never pickle .bin files")
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -539,7 +551,8 @@ def iter_cross_attention(
 
     ``pipeline`` is a local StableDiffusionPipeline folder or a loaded pipeline (moved to
     ``device``). ``timesteps`` are step indices ``0..steps-1`` to aggregate (default all),
-    ``layers`` ``attn2`` module names (default all, see :func:`attention_layers`), ``heads``
+    ``layers`` ``attn2`` module names or levels ``"down"``/``"mid"``/``"up"`` (default all, see
+    :func:`attention_layers`), ``heads``
     head indices (default all). The noise comes from a CPU ``torch.Generator`` seeded with
     ``seed``, so the same seed gives the same image and maps on every device.
 
@@ -572,8 +585,9 @@ def iter_cross_attention(
     total = steps + 1  # the denoising steps, then decoding and the maps
     yield Progress(0, total, elapsed_s=time.monotonic() - start, message="loading the pipeline")
     if isinstance(pipeline, (str, os.PathLike)):
-        source = str(pipeline)
-        pipe = _load_pipeline(Path(pipeline), device)
+        folder = Path(pipeline).expanduser()  # "~/m/sd" as the README writes it
+        source = str(folder)
+        pipe = _load_pipeline(folder, device)
     else:
         _check_loaded(pipeline)
         source = str(getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path")
@@ -590,6 +604,12 @@ def iter_cross_attention(
     if layers is not None:
         if not list(layers):
             raise CrossAttentionError("layers is empty; leave it out to use every cross-attention layer.")
+        # A level name ("down", "mid", "up") stands for every cross-attention layer of that level.
+        layers = [m for name in layers for m in ([m for m in modules if layer_level(m) == name]
+                                                 if name in LEVELS else [name])]
+        if not layers:
+            raise CrossAttentionError(f"The UNet of {source} has no cross-attention layers at the level(s) asked for; "
+                                      f"its layers: {', '.join(modules)}.")
         for name in layers:
             if name not in modules:
                 raise CrossAttentionError(f"layers contains {name!r}, which is not one of: {', '.join(modules)}.")

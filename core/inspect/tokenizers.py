@@ -62,8 +62,8 @@ class TokenCount:
     unknown: int = 0  # tokens that are the tokenizer's unk token: text it cannot represent
     max_length: Optional[int] = None
     limit_source: str = "unknown"  # where max_length came from
-    overflow_token: Optional[int] = None  # index of the first token beyond max_length; None if it fits
-    overflow_char: Optional[int] = None  # offset in text where the truncation falls
+    overflow_token: Optional[int] = None  # index of the first text token truncation drops; None if it fits
+    overflow_char: Optional[int] = None  # offset in text where the truncation falls: text[:overflow_char] is kept
     component: Optional[str] = None  # "tokenizer" / "tokenizer_2" in a diffusers pipeline
     error: Optional[str] = None  # set (and the rest empty) when this model could not be counted
 
@@ -170,18 +170,24 @@ def _config_positions(folder: Path) -> Optional[tuple[int, str]]:
 
 
 def model_limit(tokenizer: Any, path: Path, component: Optional[str]) -> tuple[Optional[int], str]:
-    """(max_length, where it came from): the tokenizer's model_max_length when it is a
-    real number, else the model config's position count, else (None, "unknown").
+    """(max_length, where it came from): the smaller of the tokenizer's model_max_length
+    (when it is a real number) and the model config's position count, else (None, "unknown").
 
-    A pipeline's ``tokenizer_2`` is paired with ``text_encoder_2``'s config.
+    A tokenizer can claim more than the model has positions for (a GPT-2 tokenizer says
+    1024 next to ``n_positions: 256``); the model cannot read past its positions, so the
+    config wins then and ``limit_source`` names both. A pipeline's ``tokenizer_2`` is
+    paired with ``text_encoder_2``'s config.
     """
     value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value <= SANE_MAX_LENGTH:
-        return value, "tokenizer model_max_length"
+    from_tokenizer = value if isinstance(value, int) and 0 < value <= SANE_MAX_LENGTH else None
     folder = path if component is None else path / component.replace("tokenizer", "text_encoder", 1)
     found = _config_positions(folder)
+    if from_tokenizer is not None and (found is None or from_tokenizer <= found[0]):
+        return from_tokenizer, "tokenizer model_max_length"
     if found is not None:
-        return found
+        if from_tokenizer is None:
+            return found
+        return found[0], f"{found[1]} (fewer than the tokenizer's model_max_length {from_tokenizer})"
     return None, "unknown"
 
 
@@ -217,11 +223,8 @@ def tokenize(
     unknown = sum(1 for i in ids if i == unk_id) if unk_id is not None else 0
     overflow_token = overflow_char = None
     if max_length is not None and len(ids) > max_length:
-        overflow_token = max_length
-        # The first character lost: the start of the first text token at or past the limit
-        # (the token at the limit may be a closing special token, which holds no text).
-        starts = [s[0] for s in spans[max_length:] if s is not None]
-        overflow_char = starts[0] if starts else (len(text) if offsets is not None else None)
+        overflow_token, overflow_char = _overflow(tokenizer, text, ids, special, spans, max_length,
+                                                  add_special_tokens, offsets is not None)
     return TokenCount(
         model=model,
         tokenizer=type(tokenizer).__name__,
@@ -241,6 +244,31 @@ def tokenize(
     )
 
 
+def _overflow(tokenizer: Any, text: str, ids: list[int], special: list[bool], spans: list, max_length: int,
+              add_special_tokens: bool, has_offsets: bool) -> tuple[int, Optional[int]]:
+    """(index in ``ids`` of the first text token the truncation drops, offset of its first character).
+
+    Asked, not assumed: the tokenizer truncates to ``max_length`` itself. Tokenizers that
+    re-add their closing special token (CLIP, BERT) keep ``max_length - 2`` text tokens,
+    so the first one lost sits before index ``max_length``. The kept text tokens are the
+    longest common prefix of the truncated and the full text-token ids.
+    """
+    kwargs = dict(add_special_tokens=add_special_tokens, return_special_tokens_mask=True, verbose=False)
+    cut = tokenizer(text, truncation=True, max_length=max_length, **kwargs)
+    cut_ids = [int(i) for i in cut["input_ids"]]
+    cut_special = [bool(m) for m in cut.get("special_tokens_mask", [0] * len(cut_ids))]
+    kept_text = [i for i, sp in zip(cut_ids, cut_special) if not sp]
+    text_index = [k for k, sp in enumerate(special) if not sp]  # positions of text tokens in ``ids``
+    kept = 0
+    while kept < min(len(kept_text), len(text_index)) and kept_text[kept] == ids[text_index[kept]]:
+        kept += 1
+    if kept == len(text_index):  # only special tokens were cut: every character is kept
+        return max_length, len(text) if has_offsets else None
+    first_lost = text_index[kept]
+    span = spans[first_lost]
+    return first_lost, span[0] if span is not None else None
+
+
 def count_tokens(
     model: ModelRef, text: str, *, add_special_tokens: bool = True
 ) -> Union[TokenCount, list[TokenCount]]:
@@ -248,10 +276,12 @@ def count_tokens(
 
     Returns one :class:`TokenCount`, or a list of them (one per tokenizer) for a
     pipeline with several tokenizers; a pipeline's results have ``component`` set.
-    ``overflow_token`` is an index in the untruncated sequence: the first token past
-    ``max_length``. A tokenizer that re-adds its closing special token when truncating
-    (CLIP, BERT) keeps one text token fewer than that, so the text actually kept ends
-    at the span of token ``max_length - 2``.
+    When the text is longer than ``max_length``, ``overflow_token`` is the index, in the
+    untruncated sequence, of the first text token that truncating to ``max_length``
+    drops, and ``overflow_char`` the offset where that token starts: ``text[:overflow_char]``
+    is the text the model reads. A tokenizer that re-adds its closing special token when
+    truncating (CLIP, BERT) keeps ``max_length - 2`` text tokens, so for them
+    ``overflow_token`` is ``max_length - 1``.
     """
     path = Path(model).expanduser()
     results = []
@@ -277,7 +307,16 @@ def compare_tokenizers(models: list[ModelRef], text: str) -> list[TokenCount]:
             out.extend(_as_list(count_tokens(model, text)))
         except ModelError as exc:
             out.append(TokenCount(model=str(model), tokenizer="", text=text, error=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a tokenizer that breaks on this text fails its own row only
+            out.append(TokenCount(model=str(model), tokenizer="", text=text, error=_failure(model, exc)))
     return out
+
+
+def _failure(model: ModelRef, exc: BaseException) -> str:
+    """One sentence naming the folder and the exception (type and first line), no traceback."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "").strip().rstrip(".")
+    reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+    return f"{Path(model).expanduser()}: its tokenizer failed on the text ({reason})."
 
 
 # ----------------------------------------------------------------------------- languages

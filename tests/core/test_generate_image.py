@@ -266,3 +266,59 @@ def test_result_saves_a_png_and_serialises_without_pixels(same_seed, tmp_path):
     a_failed = type(a)(**{**{f: getattr(a, f) for f in a.__dataclass_fields__}, "image": None, "status": "failed"})
     with pytest.raises(MergeStudioError, match="no image"):
         a_failed.save(tmp_path)
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("when", ["at PaneStarted", "during the load"])
+def test_stop_pressed_while_the_pipeline_loads_runs_no_step(pipes, monkeypatch, when):
+    import core.generate.image as image
+
+    real, calls = image.load_pipeline, []
+
+    def load(folder, device):
+        pipe = real(folder, device)
+        pipe.unet.register_forward_hook(lambda *a: calls.append("unet"))
+        pipe.vae.register_forward_hook(lambda *a: calls.append("vae"))
+        if when == "during the load":
+            cancel.cancel()  # the GUI thread sets it while the weights are read
+        return pipe
+
+    monkeypatch.setattr(image, "load_pipeline", load)
+    cancel = CancelToken()
+    events: list = []
+
+    def record(event):
+        events.append(event)
+        if isinstance(event, PaneStarted) and when == "at PaneStarted":
+            cancel.cancel()  # Stop, while pane 0 is about to load
+
+    sources = [ImageSource("p0", str(pipes["p0"])), ImageSource("copy", str(pipes["copy"]))]
+    first, second = compare_images(sources, settings(), cancel=cancel, on_event=record)
+    assert calls == []
+    assert first.status == "stopped" and first.image is None and first.error is None
+    assert first.steps_done == 0 and first.load_s is not None
+    assert not any(isinstance(e, PaneStep) for e in events)
+    assert second.status == "stopped" and second.image is None
+
+
+def test_an_unexpected_error_while_loading_fails_that_pane_only(pipes, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    real, moves = DiffusionPipeline.to, []
+
+    def to(self, *args, **kwargs):
+        moves.append(args)
+        if len(moves) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "to", to)
+    results, _ = run([ImageSource("p0", str(pipes["p0"])), ImageSource("copy", str(pipes["copy"]))], settings())
+    assert [r.status for r in results] == ["failed", "done"]
+    assert results[0].error == (
+        f"{pipes['p0']}: failed while loading on cpu (RuntimeError: CUDA error: an illegal memory access was "
+        "encountered)."
+    )
+    assert results[0].image is None and results[1].image.size == (SIZE, SIZE)

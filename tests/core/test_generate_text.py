@@ -405,3 +405,124 @@ def test_in_memory_merge_is_refused_when_it_does_not_fit(llama_family, disk_merg
                      TextSettings(PROMPT, max_new_tokens=2))
     assert results[0].status == "failed" and "available" in results[0].error
     assert results[1].status == "done"
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _n_prompt(folder: Path, prompt: str) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(folder))(prompt)["input_ids"])
+
+
+def test_positions_check_counts_the_last_token_as_never_fed_back(gpt2_family, monkeypatch):
+    """GPT-2's learned position table has n_positions rows: feeding one more position would fail.
+
+    The model reads the prompt and every new token but the last: n_prompt + max_new_tokens - 1.
+    """
+    folder = gpt2_family["a"]
+    limit = json.loads((folder / "config.json").read_text())["n_positions"]
+    monkeypatch.setattr(text, "_eos_ids", lambda model, tok: set())  # always run to max_new_tokens
+    words = " ".join(["cat"] * (limit - 30))
+    n = _n_prompt(folder, words)
+    assert n < limit
+    fits = limit - n + 1
+    sources = [TextSource("a", str(folder)), TextSource("b", str(gpt2_family["b"]))]
+    results, _ = run(sources, TextSettings(words, max_new_tokens=fits))
+    assert [r.status for r in results] == ["done", "done"]
+    assert results[0].new_tokens == fits and results[0].finish_reason == "length"
+    results, _ = run(sources, TextSettings(words, max_new_tokens=fits + 1))
+    assert results[0].status == "failed"
+    assert results[0].error == (
+        f"{folder}: the prompt ({n} tokens) plus max_new_tokens={fits + 1} needs {limit + 1} of the model's "
+        f"{limit} positions; lower max_new_tokens to {fits} or less."
+    )
+    # A prompt of exactly the model's positions still gives one token; one more is too long.
+    exact = " ".join(["cat"] * (limit - 30 + limit - n))
+    assert _n_prompt(folder, exact) == limit
+    results, _ = run(sources, TextSettings(exact, max_new_tokens=1))
+    assert results[0].status == "done" and results[0].new_tokens == 1
+    over = exact + " cat"
+    results, _ = run(sources, TextSettings(over, max_new_tokens=1))
+    assert results[0].status == "failed"
+    assert results[0].error == f"{folder}: the prompt is {limit + 1} tokens, more than the model's {limit} positions."
+
+
+@pytest.mark.parametrize("when", ["at PaneStarted", "during the load"])
+def test_stop_pressed_while_the_model_loads_runs_no_forward(llama_family, monkeypatch, when):
+    real, calls = text._load_model, []
+
+    def load(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_hook(lambda *a: calls.append(1))
+        if when == "during the load":
+            cancel.cancel()  # the GUI thread sets it while the weights are read
+        return model
+
+    monkeypatch.setattr(text, "_load_model", load)
+    cancel = CancelToken()
+    sources = [TextSource("a", str(llama_family["a"])), TextSource("b", str(llama_family["b"]))]
+    events = []
+
+    def record(event):
+        events.append(event)
+        if isinstance(event, PaneStarted) and when == "at PaneStarted":
+            cancel.cancel()  # Stop, while pane 0 is about to load
+
+    first, second = compare_text(sources, TextSettings(PROMPT, max_new_tokens=5), cancel=cancel, on_event=record)
+    assert calls == []
+    assert first.status == "stopped" and first.finish_reason == "stopped" and first.error is None
+    assert first.new_tokens == 0 and first.token_ids == [] and first.text == ""
+    assert first.load_s is not None
+    assert not any(isinstance(e, PaneToken) for e in events)
+    assert second.status == "stopped" and second.new_tokens == 0
+
+
+def test_a_tokenizer_error_fails_its_own_pane_only(llama_family, monkeypatch):
+    real = text._load_tokenizer
+
+    class Broken:
+        """The real tokenizer, whose __call__ raises what a fast tokenizer raises on odd input."""
+
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __call__(self, *args, **kwargs):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple]\nsecond line")
+
+    def load(folder, where):
+        tok = real(folder, where)
+        return Broken(tok) if Path(folder) == llama_family["a"] else tok
+
+    monkeypatch.setattr(text, "_load_tokenizer", load)
+    results, _ = run(
+        [TextSource("a", str(llama_family["a"])), TextSource("b", str(llama_family["b"]))],
+        TextSettings(PROMPT, max_new_tokens=3),
+    )
+    assert results[0].status == "failed"
+    assert results[0].error == (
+        f"{llama_family['a']}: its tokenizer failed on the prompt "
+        "(TypeError: TextEncodeInput must be Union[TextInputSequence, Tuple])."
+    )
+    assert results[1].status == "done" and results[1].new_tokens == 3
+
+
+def test_a_recipe_that_breaks_the_planner_fails_its_own_pane_only(llama_family, monkeypatch):
+    import core.merge.plan as plan
+
+    def broken(recipe, *a, **kw):
+        raise KeyError("models")
+
+    monkeypatch.setattr(plan, "plan_merge", broken)
+    results, _ = run(
+        [TextSource("merge", recipe=linear(llama_family["a"], llama_family["b"])),
+         TextSource("b", str(llama_family["b"]))],
+        TextSettings(PROMPT, max_new_tokens=3),
+    )
+    assert results[0].status == "failed"
+    assert results[0].error == "The recipe: cannot be planned as a merge (KeyError: 'models')."
+    assert results[1].status == "done" and results[1].new_tokens == 3

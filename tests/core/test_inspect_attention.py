@@ -551,3 +551,24 @@ def test_vision_json_npz_and_errors(vision_root, text_models, tmp_path):
     work = iter_vision_attention(vision_root["vit"], vision_root["image"])
     assert isinstance(next(work), Progress)
     work.close()
+
+
+def test_folders_and_images_under_home_are_written_with_a_tilde(text_models, vision_root, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "m").mkdir(parents=True)
+    shutil.copytree(text_models["bert"], home / "m" / "bert")
+    shutil.copytree(vision_root["vit"], home / "m" / "vit")
+    shutil.copy(vision_root["image"], home / "picture.png")
+    monkeypatch.setenv("HOME", str(home))
+    assert Path("~/m/bert").expanduser() == home / "m" / "bert"
+
+    result = text_attention("~/m/bert", SENTENCE, layers=[0])
+    reference = text_attention(text_models["bert"], SENTENCE, layers=[0])
+    assert result.model == str(home / "m" / "bert")
+    np.testing.assert_array_equal(result.maps[0], reference.maps[0])
+
+    seen = vision_attention("~/m/vit", "~/picture.png", layers=[0])
+    want = vision_attention(vision_root["vit"], vision_root["image"], layers=[0])
+    assert seen.model == str(home / "m" / "vit")
+    np.testing.assert_array_equal(seen.cls_attention[0], want.cls_attention[0])
+    np.testing.assert_array_equal(seen.image, want.image)

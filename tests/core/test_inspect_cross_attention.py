@@ -367,3 +367,42 @@ def test_overlay_json_and_npz(square, tmp_path):
     back = ca.CrossAttentionMaps.load_npz(path)
     assert np.array_equal(back.maps, square.maps) and np.array_equal(back.image, square.image)
     assert back.to_json() == meta
+
+
+def test_a_level_name_stands_for_its_layers(pipe):
+    from core.inspect import cross_attention as ca
+
+    names = ca.attention_layers(pipe)
+    down = [n for n in names if ca.layer_level(n) == "down"]
+    assert down and len(down) < len(names)
+    by_level = ca.cross_attention(pipe, "a red cat", steps=2, height=64, width=64, layers=["down"])
+    by_name = ca.cross_attention(pipe, "a red cat", steps=2, height=64, width=64, layers=down)
+    assert by_level.layers == down
+    assert (by_level.maps == by_name.maps).all()
+
+
+def test_a_pickle_only_pipeline_is_refused(pipe, tmp_path):
+    pickled = tmp_path / "pickled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(str(pickled), safe_serialization=False)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert not (pickled / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    with pytest.raises(ModelError) as exc:
+        ca.cross_attention(pickled, PROMPT, **RUN)
+    message = _one_sentence(exc)
+    assert message.startswith(f"{pickled}: cannot be loaded as a Stable Diffusion pipeline (")
+    assert f"no diffusion_pytorch_model.safetensors in {pickled}" in message and "pickle" in message
+    with pytest.raises(ModelError):
+        ca.attention_layers(pickled)
+
+
+def test_a_folder_under_home_is_written_with_a_tilde(pipe, folder, square, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "m").mkdir(parents=True)
+    shutil.copytree(folder, home / "m" / "sd")
+    monkeypatch.setenv("HOME", str(home))
+    result = ca.cross_attention("~/m/sd", PROMPT, **RUN)
+    assert result.pipeline == str(home / "m" / "sd")
+    assert np.array_equal(result.maps, square.maps) and np.array_equal(result.image, square.image)
+    assert ca.attention_layers("~/m/sd") == ca.attention_layers(pipe)

@@ -89,9 +89,12 @@ def test_real_minilm_counts_spans_and_overflow(minilm):
     long = tk.count_tokens(minilm, long_text)
     assert long.max_length == 512
     assert long.count == len(tok(long_text)["input_ids"]) > 512
-    assert long.overflow_token == 512
-    assert long.overflow_char == long.spans[512][0]
-    assert long_text[long.overflow_char:].startswith(long.pieces[512].removeprefix("##"))
+    # BERT truncation keeps [CLS] + 510 text tokens + [SEP]: text token 511 is the first lost.
+    kept = tok(long_text, truncation=True, max_length=512)["input_ids"]
+    assert len(kept) == 512 and kept[1:-1] == long.ids[1:511]
+    assert long.overflow_token == 511
+    assert long.overflow_char == long.spans[511][0]
+    assert long_text[long.overflow_char:].startswith(long.pieces[511].removeprefix("##"))
 
     without = tk.count_tokens(minilm, TEXT, add_special_tokens=False)
     assert without.ids == ids[1:-1] and not any(without.special)
@@ -106,17 +109,62 @@ def test_clip_pipeline_limit_and_overflow(pipeline):
     assert result.tokenizer == "CLIPTokenizer"
     assert result.max_length == 77 and result.limit_source == "tokenizer model_max_length"
     assert result.count > 78
-    assert result.overflow_token == 77
-    assert result.spans[77] is not None
-    assert result.overflow_char == result.spans[77][0]
-    start, end = result.spans[77]
-    assert LONG_PROMPT[start:end] == result.pieces[77].removesuffix("</w>")
-    # The text that fits: what the tokenizer keeps when it truncates to 77 (BOS + 75 + EOS).
+    # The text that fits: what the tokenizer keeps when it truncates to 77 (BOS + 75 + EOS),
+    # so untruncated token 76 is the first text token lost.
     kept = tok(LONG_PROMPT, truncation=True, max_length=77)["input_ids"]
     assert kept[1:-1] == ids[1:76]
+    assert result.overflow_token == 76
+    assert result.spans[76] is not None
+    assert result.overflow_char == result.spans[76][0]
+    start, end = result.spans[76]
+    assert LONG_PROMPT[start:end] == result.pieces[76].removesuffix("</w>")
 
     short = tk.count_tokens(pipeline, "a photo of a cat")
     assert short.overflow_token is None and short.overflow_char is None
+
+
+@pytest.mark.parametrize("which", ["clip", "minilm"])
+def test_text_before_overflow_char_is_exactly_what_truncation_keeps(which, pipeline, minilm):
+    folder, text = (pipeline / "tokenizer", LONG_PROMPT) if which == "clip" else (
+        minilm, " ".join(["merging models"] * 200 + ["hello"] * 200))
+    result = tk.count_tokens(pipeline if which == "clip" else minilm, text)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    limit = tok.model_max_length
+    assert result.max_length == limit and result.count > limit
+    cut = tok(text, truncation=True, max_length=limit)["input_ids"]
+    kept_text = text[: result.overflow_char]
+    # The kept prefix, tokenized on its own, gives the same ids and the same decode as the truncation.
+    alone = tok(kept_text)["input_ids"]
+    assert alone == cut
+    assert tok.decode(alone, skip_special_tokens=True) == tok.decode(cut, skip_special_tokens=True)
+    # The first lost token's text starts right at overflow_char, and it is the one after the kept ones.
+    assert result.overflow_token == len(cut) - 1  # every kept token but the closing special one
+    piece = result.pieces[result.overflow_token].removesuffix("</w>").removeprefix("##")
+    assert text[result.overflow_char:].lower().startswith(piece)
+    assert not result.special[result.overflow_token]
+
+
+def test_limit_is_the_smaller_of_tokenizer_and_model_positions(gpt2_family, tmp_path):
+    folder = tmp_path / "gpt2-long-tokenizer"
+    shutil.copytree(gpt2_family["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    positions = config["n_positions"]
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_max_length"] = 1024  # what a real GPT-2 tokenizer says, next to a smaller model
+    cfg_path.write_text(json.dumps(cfg))
+    assert AutoTokenizer.from_pretrained(str(folder)).model_max_length == 1024 > positions
+    text = " ".join(["the cat"] * positions)
+    result = tk.count_tokens(folder, text)
+    assert result.max_length == positions
+    assert "config.json" in result.limit_source and "n_positions" in result.limit_source
+    assert "1024" in result.limit_source and "model_max_length" in result.limit_source
+    assert result.count > positions and result.overflow_token is not None
+    # A tokenizer that claims fewer positions than the model keeps its own limit.
+    cfg["model_max_length"] = positions // 2
+    cfg_path.write_text(json.dumps(cfg))
+    smaller = tk.count_tokens(folder, text)
+    assert (smaller.max_length, smaller.limit_source) == (positions // 2, "tokenizer model_max_length")
 
 
 def test_pipeline_with_two_tokenizers_gives_one_result_each(two_tokenizer_pipeline):
@@ -128,7 +176,7 @@ def test_pipeline_with_two_tokenizers_gives_one_result_each(two_tokenizer_pipeli
     # tokenizer_2 knows no limit: it comes from text_encoder_2/config.json.
     assert second.max_length == 64
     assert "text_encoder_2" in second.limit_source and "max_position_embeddings" in second.limit_source
-    assert second.overflow_token == 64 and second.overflow_char == second.spans[64][0]
+    assert second.overflow_token == 63 and second.overflow_char == second.spans[63][0]  # BOS + 62 + EOS kept
     assert second.label.endswith("[tokenizer_2]")
     assert tk.load_tokenizer(two_tokenizer_pipeline, "tokenizer_2").model_max_length > 10**9
 
@@ -159,6 +207,23 @@ def test_compare_keeps_going_after_a_bad_model(llama_family, minilm, tmp_path):
     assert results[2].error is not None and str(tmp_path / "missing") in results[2].error
     assert results[3].error is None and results[3].ids == _reference(minilm, TEXT)[1]
     json.dumps([r.to_json() for r in results])
+
+
+def test_compare_turns_an_unexpected_tokenizer_error_into_a_row(llama_family, minilm, monkeypatch):
+    real = tk.tokenize
+
+    def broken(tokenizer, text, **kw):
+        if kw.get("model") == str(minilm):
+            raise TypeError("unhashable type: 'list'\n  a second line")
+        return real(tokenizer, text, **kw)
+
+    monkeypatch.setattr(tk, "tokenize", broken)
+    results = tk.compare_tokenizers([minilm, llama_family["base"]], TEXT)
+    assert len(results) == 2
+    bad, good = results
+    assert bad.error == f"{minilm}: its tokenizer failed on the text (TypeError: unhashable type: 'list')."
+    assert bad.count == 0 and bad.ids == []
+    assert good.error is None and good.ids == _reference(llama_family["base"], TEXT)[1]
 
 
 def test_parallel_texts_file():

@@ -34,6 +34,9 @@ from PySide6.QtWidgets import (
 )
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+MAX_RANK = 4096
+DEFAULT_SVD_RANK = 16
+EXACT_RANK_TEXT = "exact (ranks concatenated)"
 
 
 class _ModelPicker(QComboBox):
@@ -146,9 +149,9 @@ class LoraPanel(QWidget):
         self.combine_density.setSingleStep(0.05)
         self.combine_density.setValue(0.5)
         self.combine_rank = QSpinBox()
-        self.combine_rank.setRange(0, 4096)
-        self.combine_rank.setSpecialValueText("exact (linear)")
-        self.combine_rank.setValue(0)
+        self._svd_rank = DEFAULT_SVD_RANK  # the rank ties / dare_* refactor to, kept while linear is shown
+        self.combine_method.currentTextChanged.connect(self._combine_method_changed)
+        self._combine_method_changed(self.combine_method.currentText())
         self.combine_output = QLineEdit()
         self.combine_output.setPlaceholderText("Output LoRA (.safetensors for kohya, a folder for PEFT)")
         browse = QPushButton("Browse…")
@@ -163,6 +166,25 @@ class LoraPanel(QWidget):
         form.addRow("", self.combine_button)
         return box
 
+    def _combine_method_changed(self, method: str) -> None:
+        """linear may keep the exact concatenated ranks (rank 0); ties / dare_* must refactor to a rank >= 1."""
+        spin = self.combine_rank
+        spin.blockSignals(True)
+        if spin.value() >= 1:  # the rank given so far carries over to an SVD method
+            self._svd_rank = spin.value()
+        if method == "linear":
+            spin.setRange(0, MAX_RANK)
+            spin.setSpecialValueText(EXACT_RANK_TEXT)
+            spin.setValue(0)
+            spin.setToolTip("Exact keeps every rank (their sum); a number refactors the sum by truncated SVD")
+        else:
+            spin.setSpecialValueText("")  # the special text would otherwise label the minimum, rank 1
+            spin.setRange(1, MAX_RANK)
+            spin.setValue(self._svd_rank)
+            spin.setToolTip(f"{method} changes each module densely; the result is refactored to this rank")
+        spin.blockSignals(False)
+        self.combine_density.setEnabled(method != "linear")
+
     def start_combine(self) -> None:
         from core.lora import iter_combine
 
@@ -176,7 +198,8 @@ class LoraPanel(QWidget):
         )
         if method != "linear":
             kwargs["density"] = self.combine_density.value()
-        if self.combine_rank.value():
+            kwargs["rank"] = max(1, self.combine_rank.value())  # the spin box allows no 0 here; never send "exact"
+        elif self.combine_rank.value():
             kwargs["rank"] = self.combine_rank.value()
         self.jobRequested.emit(f"Combine {len(specs)} LoRAs ({method})", iter_combine, kwargs)
 

@@ -15,9 +15,17 @@ Formats:
   Conv2d layers can hold a LoRA.
 * ``kohya`` (Stable Diffusion single files and diffusers pipelines): one
   ``.safetensors`` with ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``,
-  ``lora_te2_``) modules. UNet modules get diffusers names (what kohya's
-  sd-scripts write, and what A1111, ComfyUI and kohya read); text encoders the
-  Hugging Face CLIP names, OpenCLIP's fused ``in_proj_weight`` split into q, k, v.
+  ``lora_te2_``) modules, named as kohya's sd-scripts name them (what A1111,
+  ComfyUI and kohya read). UNet modules: SD 1.x/2.x get diffusers names
+  (``lora_unet_down_blocks_0_attentions_0_proj_in``: sd-scripts trains those on
+  diffusers' UNet); SDXL gets the original (ldm) names
+  (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``: sd-scripts
+  trains SDXL on its own original-layout UNet), a pipeline's diffusers names
+  mapped back through the published layout (core/lora/names.py). Text encoders:
+  the Hugging Face CLIP names under ``text_model.``
+  (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``, also from
+  transformers 5 files that leave that level out), OpenCLIP's fused
+  ``in_proj_weight`` split into q, k, v.
 
 Tensors that differ but no LoRA can express (norms, biases, embedding tables in
 kohya files, VAE weights) are listed in the result, with their largest change,
@@ -41,7 +49,16 @@ from core.io.formats import ModelSource, open_model
 from core.jobs import Progress
 from core.lora.factor import SVD_CHOICES, check_target, factorize, seeded_generator
 from core.lora.formats import FORMATS, KOHYA, PEFT
-from core.lora.names import ldm_to_diffusers, openclip_modules, split_component, underscore, unet_layers, weight_module
+from core.lora.names import (
+    diffusers_to_ldm,
+    kohya_clip_path,
+    ldm_to_diffusers,
+    openclip_modules,
+    split_component,
+    underscore,
+    unet_layers,
+    weight_module,
+)
 from core.lora.merge import file_order
 from core.lora.output import LoraWriter, atomic_output, output_dtype, peft_config
 
@@ -274,7 +291,8 @@ def _kohya_pieces(source: ModelSource, names: list[str]) -> tuple[dict[str, list
     from core.lora.names import is_sd_layout
 
     sd_layout = is_sd_layout(source.tensors)
-    layers, _ = unet_layers(source.tensors)
+    layers, attention_up = unet_layers(source.tensors)
+    sdxl_unet = _is_sdxl_unet(source)
     # SD 1.x/2.x have one text encoder (lora_te_), SDXL two (lora_te1_, lora_te2_).
     te_prefix = {"te1": "lora_te1_" if _has_te2(source) else "lora_te_", "te2": "lora_te2_"}
     bare = None if sd_layout else _bare_component(source)
@@ -302,10 +320,27 @@ def _kohya_pieces(source: ModelSource, names: list[str]) -> tuple[dict[str, list
                 continue
             pieces[name] = [_Piece(head + underscore(path), t.rows, False, False) for path, t in mapped]
             continue
-        if component == "unet" and name.startswith("model.diffusion_model."):
-            rest = ldm_to_diffusers(rest, layers) or rest
+        if component in ("te1", "te2"):
+            rest = kohya_clip_path(rest)
+        if component == "unet":
+            rest = _kohya_unet_path(rest, name.startswith("model.diffusion_model."), sdxl_unet, layers, attention_up)
         pieces[name] = [_Piece(head + underscore(rest), None, False, False)]
     return pieces, cannot
+
+
+def _kohya_unet_path(rest: str, ldm: bool, sdxl: bool, layers: int, attention_up: set[int]) -> str:
+    """The UNet module path sd-scripts uses: original (ldm) names for SDXL, diffusers names otherwise."""
+    if sdxl:
+        return rest if ldm else (diffusers_to_ldm(rest, layers, attention_up) or rest)
+    return (ldm_to_diffusers(rest, layers) or rest) if ldm else rest
+
+
+def _is_sdxl_unet(source: ModelSource) -> bool:
+    """An SDXL-type UNet (its pooled-text / size embedding: ``label_emb``, diffusers ``add_embedding``)."""
+    embeddings = ("model.diffusion_model.label_emb.", "unet/add_embedding.", "add_embedding.")
+    if any(n.startswith(embeddings) for n in source.tensors):
+        return True
+    return (source.config or {}).get("addition_embed_type") == "text_time"
 
 
 def _has_te2(source: ModelSource) -> bool:

@@ -4,10 +4,13 @@ Stable Diffusion weights come in two namings: the original (ldm) single-file
 one (``model.diffusion_model.input_blocks.1.1.proj_in``) and diffusers'
 (``down_blocks.0.attentions.0.proj_in``). kohya LoRAs name UNet modules either
 way, underscore-joined (``lora_unet_down_blocks_0_attentions_0_proj_in``), and
-text encoders by the Hugging Face CLIP names even where the checkpoint holds
-OpenCLIP's (SD 2.x, SDXL's second encoder), whose q/k/v are one fused
-``in_proj_weight``. This module maps between them, using the published UNet
-layout: with ``L`` resnets per down block (2 in SD 1.x/2.x and SDXL),
+text encoders by the Hugging Face CLIP names under ``text_model.`` (which
+transformers 5 leaves out of CLIPTextModel's files) even where the checkpoint
+holds OpenCLIP's (SD 2.x, SDXL's second encoder), whose q/k/v are one fused
+``in_proj_weight``. kohya's sd-scripts writes diffusers UNet names for SD 1.x/2.x
+and original (ldm) ones for SDXL; both spellings resolve on either layout. This
+module maps between them, using the published UNet layout: with ``L`` resnets
+per down block (2 in SD 1.x/2.x and SDXL),
 
 * ``input_blocks.0.0`` = ``conv_in``; ``input_blocks.n`` (n >= 1): block
   ``b, j = divmod(n - 1, L + 1)``: ``.0`` = ``down_blocks.b.resnets.j``, ``.1`` =
@@ -67,6 +70,9 @@ _TOP = {
     "out.2": "conv_out",
 }
 _OPENCLIP = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# Parts of a Hugging Face CLIP text tower; transformers 5 saves CLIPTextModel without the ``text_model.``
+# level that kohya names (and transformers 4 files) carry, CLIPTextModelWithProjection with it.
+_CLIP_TOWER = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,11 @@ def diffusers_to_ldm(path: str, layers: int = 2, attention_up_blocks: Iterable[i
     return None
 
 
+def kohya_clip_path(path: str) -> str:
+    """A Hugging Face CLIP module path as kohya names it: under ``text_model.`` (``encoder.layers.0...`` gains it)."""
+    return "text_model." + path if path.startswith(_CLIP_TOWER) else path
+
+
 def openclip_modules(path: str, width: int) -> list[tuple[str, Target]]:
     """Hugging Face CLIP names of an OpenCLIP weight (``transformer.resblocks.i...``).
 
@@ -265,6 +276,9 @@ class ModelIndex:
         self, name: str, module: str, component: Optional[str], flavour: Optional[str], rest: str, info: TensorInfo
     ) -> list[tuple[str, Target]]:
         stems = [(underscore(rest), Target(name))]
+        # a CLIP tower saved without ``text_model.`` (pipeline component or a lone text-encoder folder)
+        if flavour != "openclip" and component in ("te1", "te2", None) and kohya_clip_path(rest) != rest:
+            stems.append((underscore(kohya_clip_path(rest)), Target(name)))
         if flavour == "openclip" and info.shape:
             width = info.shape[-1] if len(info.shape) == 2 else 0
             stems += [(underscore(path), Target(name, t.rows)) for path, t in openclip_modules(rest, width)]

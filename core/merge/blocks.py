@@ -8,19 +8,28 @@ Block names follow A1111's merge-block-weighted extension and supermerger:
 * both: ``VAE``.
 
 Original (single-file) names: ``model.diffusion_model.input_blocks.i`` -> INii,
-``middle_block`` -> M00, ``output_blocks.i`` -> OUTii; the rest of the UNet
-(``time_embed``, ``label_emb``, the final ``out.``) and the text encoder ->
-BASE (SDXL: ``conditioner.embedders.0`` -> TE1, ``.1`` -> TE2);
-``first_stage_model`` -> VAE; an EMA copy (``model_ema.*``) -> the block of the
-weight it shadows; noise-schedule buffers -> BASE.
+``middle_block`` -> M00, ``output_blocks.i`` -> OUTii. The UNet's other tensors
+go where the published block-weight tools put them: the timestep embedding
+``time_embed``, which runs before the input blocks, -> IN00 (merge-block-weighted);
+the final norm and convolution ``out.0`` / ``out.2``, after the output blocks,
+-> the last output block (OUT11 for SD 1.x/2.x, OUT08 for SDXL; merge-block-weighted
+and supermerger). SDXL's ``label_emb`` (the pooled-text and size embedding)
+follows ``time_embed`` into IN00, the same rule as SD 1.x/2.x's timestep
+embedding; this is our rule: supermerger leaves SDXL's ``time_embed`` and
+``label_emb`` unmerged (model A's), we merge them with IN00's value.
+BASE is the text encoder (SD 1.x/2.x ``cond_stage_model``; SDXL:
+``conditioner.embedders.0`` -> TE1, ``.1`` -> TE2, which take BASE's value unless
+named) and the non-weights outside the UNet (noise-schedule buffers, EMA
+counters); ``first_stage_model`` -> VAE; an EMA copy (``model_ema.*``) -> the
+block of the weight it shadows.
 
 diffusers names, through the published correspondence (k = layers_per_block + 1,
 3 for every SD model): ``conv_in`` -> IN00, ``down_blocks.b.{resnets,attentions}.j``
 -> IN(1 + k·b + j), ``down_blocks.b.downsamplers`` -> IN(k·b + k), ``mid_block`` ->
 M00, ``up_blocks.b.{resnets,attentions}.j`` -> OUT(k·b + j), ``up_blocks.b.upsamplers``
--> OUT(k·b + k − 1); ``time_embedding``, ``add_embedding``, ``conv_norm_out``,
-``conv_out`` -> BASE; ``text_encoder`` -> BASE (SDXL: TE1), ``text_encoder_2`` -> TE2,
-``vae`` -> VAE.
+-> OUT(k·b + k − 1); ``time_embedding``, ``add_embedding`` (SDXL's ``label_emb``),
+``class_embedding`` -> IN00; ``conv_norm_out``, ``conv_out`` -> the last OUT block;
+``text_encoder`` -> BASE (SDXL: TE1), ``text_encoder_2`` -> TE2, ``vae`` -> VAE.
 
 TE1, TE2 and VAE take BASE's value when a setting does not name them, so by
 default everything outside the UNet merges with one value, as A1111 and
@@ -65,6 +74,10 @@ BLOCK_NAMES = {
 }
 
 _LDM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+# Before the input blocks (IN00) and after the output blocks (the last OUT): see the module docstring.
+_LDM_EMBEDDINGS = ("time_embed.", "label_emb.")
+_DIFFUSERS_EMBEDDINGS = ("time_embedding.", "add_embedding.", "class_embedding.")
+_DIFFUSERS_OUT = ("conv_norm_out.", "conv_out.")
 _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
 
@@ -86,12 +99,23 @@ def names_text(kind: str) -> str:
     return f"BASE, IN00–IN{n - 1:02d}, M00, OUT00–OUT{n - 1:02d}{extra}, VAE"
 
 
+def _last_out(kind: str) -> str:
+    """OUT11 (SD 1.x/2.x) or OUT08 (SDXL): where the UNet's final norm and convolution go."""
+    n = len(UNET_BLOCKS.get(kind, UNET_BLOCKS[SD1])) // 2
+    return f"OUT{n - 1:02d}"
+
+
 def ldm_block(name: str, kind: str) -> str:
     """The block of an original-layout tensor name (EMA copies: see :class:`BlockMap`)."""
     if name.startswith(UNET_PREFIX):
-        match = _LDM_BLOCK.match(name[len(UNET_PREFIX):])
+        inner = name[len(UNET_PREFIX):]
+        match = _LDM_BLOCK.match(inner)
         if match is None:
-            return "BASE"  # time_embed, label_emb, out
+            if inner.startswith(_LDM_EMBEDDINGS):
+                return "IN00"
+            if inner.startswith("out."):
+                return _last_out(kind)
+            return "BASE"  # no other UNet tensor exists in SD 1.x/2.x or SDXL
         part, index = match.group(1), int(match.group(2))
         if part == "middle_block":
             return "M00"
@@ -120,9 +144,13 @@ def diffusers_block(name: str, kind: str, layers_per_block: int = 2) -> str:
         return "IN00"
     if inner.startswith("mid_block."):
         return "M00"
+    if inner.startswith(_DIFFUSERS_EMBEDDINGS):
+        return "IN00"
+    if inner.startswith(_DIFFUSERS_OUT):
+        return _last_out(kind)
     match = _DIFFUSERS_BLOCK.match(inner)
     if match is None:
-        return "BASE"  # time_embedding, add_embedding, conv_norm_out, conv_out
+        return "BASE"
     side, b, what, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
     k = layers_per_block + 1
     if side == "down_blocks":

@@ -360,6 +360,7 @@ def _write_extras(plan: MergePlan, folder: Path) -> None:
         vae_config = plan.hooks.vae_config if plan.hooks is not None else None
         if vae_config is not None and vae_config.is_file() and (folder / "vae").is_dir():
             shutil.copy2(vae_config, folder / "vae" / "config.json")  # the VAE baked in brings its config
+            _register_vae(folder / "model_index.json")
     else:
         if plan.config is not None:
             (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
@@ -381,6 +382,16 @@ def _write_card(plan: MergePlan, folder: Path) -> None:
     from core.merge.card import model_card
 
     (folder / "README.md").write_text(model_card(plan))
+
+
+def _register_vae(index_file: Path) -> None:
+    """A VAE added to a pipeline that had none must be listed in model_index.json, or the pipeline won't load it."""
+    if not index_file.is_file():
+        return
+    index = json.loads(index_file.read_text())
+    if index.get("vae") in (None, [None, None]):
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _copy_pipeline_files(src: Path, dst: Path) -> None:

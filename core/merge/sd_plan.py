@@ -4,7 +4,8 @@
 any operation is planned. It refuses what cannot be merged (core/io/sd.py:
 different kinds or layouts, the wrong inpainting direction, parts present in
 some models only), validates block settings against the architecture, opens
-the VAE to bake in and checks that it fits, and returns :class:`PlanHooks`,
+the VAE to bake in and checks that it fits (its names in the output's layout:
+original for single files, diffusers for pipelines), and returns :class:`PlanHooks`,
 which the op builder consults per tensor:
 
 * ``skip``: names left out (``drop:`` patterns, EMA copies with ``ema: drop`` or
@@ -210,9 +211,15 @@ def _map_vae(hooks: PlanHooks, source: Any, models: list[Any]) -> None:
     where = f"{source.path}"
     if not theirs:
         raise ModelError(f"{where}: holds no VAE tensors to bake in.")
+    _check_vae_layout(where, theirs, hooks.layout, model.ref)
     if not ours:
         if not any(k.startswith("encoder.") for k in theirs) or not any(k.startswith("decoder.") for k in theirs):
             raise ModelError(f"{where}: is not a VAE (no encoder.* and decoder.* tensors).")
+        if hooks.layout == sd.DIFFUSERS and (hooks.vae_config is None or not hooks.vae_config.is_file()):
+            raise ModelError(
+                f"{where}: has no config.json, which a VAE added to the pipeline of model '{model.ref}' needs "
+                "(vae/config.json); give the VAE's folder (or a pipeline holding it) instead."
+            )
         hooks.notes.append(f"Model '{model.ref}' has no VAE; the one of {source.path.name} is added.")
     for key, name in theirs.items():
         target = prefix + key
@@ -233,6 +240,42 @@ def _map_vae(hooks: PlanHooks, source: Any, models: list[Any]) -> None:
                 f"{where}: has no tensor '{target[len(prefix):]}' for the model's '{target}'; "
                 "this VAE does not fit the model."
             )
+
+
+# The two namings of the same AutoencoderKL: the original (ldm) one of single-file checkpoints
+# (encoder.down.0.block.1, encoder.mid.attn_1, decoder.up.3.upsample) and diffusers'
+# (encoder.down_blocks.0.resnets.1, encoder.mid_block.attentions.0, decoder.up_blocks.0.upsamplers.0).
+_VAE_MARKERS = {
+    sd.LDM: re.compile(r"^(encoder|decoder)\.(down\.\d+\.|up\.\d+\.|mid\.(block_\d+|attn_\d+)\.)"),
+    sd.DIFFUSERS: re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\."),
+}
+_VAE_EXAMPLES = {sd.LDM: "encoder.down.0.block.0", sd.DIFFUSERS: "encoder.down_blocks.0.resnets.0"}
+_VAE_LAYOUT_NAMES = {sd.LDM: "the original (ldm) VAE names", sd.DIFFUSERS: "diffusers' VAE names"}
+
+
+def vae_layout(keys: Any) -> Optional[str]:
+    """'ldm', 'diffusers' or 'mixed': the naming of VAE tensor names (no prefix); None if they show neither."""
+    found = {layout for key in keys for layout, marker in _VAE_MARKERS.items() if marker.match(key)}
+    if len(found) == 1:
+        return found.pop()
+    return None if not found else "mixed"
+
+
+def _check_vae_layout(where: str, theirs: dict[str, str], layout: Optional[str], ref: str) -> None:
+    """Refuse a VAE named in the other layout than the output's: its tensors would be written unloadable."""
+    found = vae_layout(theirs)
+    if found is None or found == layout:
+        return
+    if found == "mixed":
+        raise ModelError(
+            f"{where}: its VAE tensors mix the original (ldm) and diffusers names, so it cannot be baked in."
+        )
+    needed = layout or sd.LDM
+    raise ModelError(
+        f"{where}: this VAE uses {_VAE_LAYOUT_NAMES[found]} ({_VAE_EXAMPLES[found]}...) but model '{ref}' is "
+        f"{sd.LAYOUT_NAMES[needed]}, which needs {_VAE_LAYOUT_NAMES[needed]} ({_VAE_EXAMPLES[needed]}...); "
+        "convert the VAE to that layout first."
+    )
 
 
 def vae_ops(hooks: PlanHooks, models: list[Any], out_override: Optional[str], make_op: Callable) -> list:

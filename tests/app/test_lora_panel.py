@@ -54,3 +54,65 @@ def test_extract_merge_and_combine_loras(qtbot, make_window, llama_family, gpt2_
     assert job.status == "failed" and "\n" not in job.error
     assert "failed" in window.notice.text()
     assert not wrong.exists()
+
+
+class _Library:
+    """What LoraPanel's model pickers read: a models list and a models_changed signal."""
+
+    def __init__(self) -> None:
+        from PySide6.QtCore import QObject, Signal
+
+        class Events(QObject):
+            models_changed = Signal()
+
+        self.events = Events()
+        self.models: list = []
+
+
+def test_combine_rank_zero_only_means_exact_for_linear(qtbot, tmp_path):
+    from app.lora_panel import LoraPanel
+    from core.jobs import drive
+    from core.lora import open_lora
+    from tests.core.test_lora_sd import kohya_lora
+
+    library = _Library()
+    panel = LoraPanel(library)
+    qtbot.addWidget(panel)
+    spin = panel.combine_rank
+    modules = {"lora_unet_down_blocks_0_attentions_0_proj_in": (2, 8, (8,))}
+    first = kohya_lora(tmp_path / "one.safetensors", modules, seed=1)
+    second = kohya_lora(tmp_path / "two.safetensors", modules, seed=2)
+    panel.combine_loras.add(str(first), 1.0)
+    panel.combine_loras.add(str(second), 0.5)
+    emitted = []
+    panel.jobRequested.connect(lambda title, fn, kwargs: emitted.append((fn, kwargs)))
+
+    assert panel.combine_method.currentText() == "linear"
+    assert spin.value() == 0 and spin.text() == "exact (ranks concatenated)"
+    assert not panel.combine_density.isEnabled()
+
+    panel.combine_method.setCurrentText("ties")
+    assert spin.minimum() == 1 and spin.value() >= 1 and spin.specialValueText() == ""
+    assert "exact" not in spin.text() and panel.combine_density.isEnabled()
+    spin.setValue(0)  # not possible any more: clamped to rank 1
+    assert spin.value() == 1
+    spin.setValue(3)
+    panel.combine_method.setCurrentText("dare_ties")
+    assert spin.value() == 3  # the rank carries over between the SVD methods
+    panel.combine_method.setCurrentText("ties")
+    panel.combine_output.setText(str(tmp_path / "ties.safetensors"))
+    panel.start_combine()
+    fn, kwargs = emitted[-1]
+    assert kwargs["method"] == "ties" and kwargs["rank"] == 3
+    result = drive(fn(**kwargs))  # the engine accepts what the panel sends (no refusal naming CLI flags)
+    lora = open_lora(result.output)
+    assert {m.rank for m in lora.modules.values()} == {3}  # refactored to the rank the panel shows
+    lora.close()
+
+    panel.combine_method.setCurrentText("linear")
+    assert spin.value() == 0 and spin.text() == "exact (ranks concatenated)"
+    panel.combine_output.setText(str(tmp_path / "linear.safetensors"))
+    panel.start_combine()
+    fn, kwargs = emitted[-1]
+    assert "rank" not in kwargs and "density" not in kwargs
+    assert drive(fn(**kwargs)).exact

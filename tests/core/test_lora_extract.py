@@ -240,3 +240,29 @@ def test_extracted_lora_reads_back(llama_family, tmp_path):
     assert lora.format == "peft" and len(lora.modules) == 4
     assert {lora.tensors[m.up].dtype for m in lora.modules.values()} == {"BF16"}
     assert {lora.scale(m) for m in lora.modules.values()} == {1.0}
+
+
+def test_kohya_names_of_a_clip_text_encoder_saved_without_text_model(tmp_path):
+    """transformers 5 saves CLIPTextModel as 'encoder.layers.0...'; kohya names it 'text_model_encoder_layers_0_...'."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=8)
+    torch.manual_seed(0)
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    CLIPTextModel(config).save_pretrained(base)
+    shutil.copytree(base, tuned)
+    state = load_file(tuned / "model.safetensors")
+    q = "encoder.layers.1.self_attn.q_proj.weight"
+    assert q in state  # the layout this test is about
+    change = torch.randn(16, 1, generator=torch.Generator().manual_seed(1)) @ torch.randn(1, 16)
+    state[q] = state[q] + 0.1 * change
+    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "te.safetensors"
+    extract_lora(base, tuned, out, rank=1, format="kohya", device="cpu")
+    lora = open_lora(out)
+    assert set(lora.modules) == {"lora_te_text_model_encoder_layers_1_self_attn_q_proj"}  # sd-scripts' name
+    lora.close()
+    merged = tmp_path / "merged"
+    merge_lora(base, [out], merged)  # and it resolves back onto the unprefixed tensor
+    torch.testing.assert_close(load_file(merged / "model.safetensors")[q], state[q], rtol=0, atol=1e-5)

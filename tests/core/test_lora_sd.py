@@ -8,6 +8,8 @@ hand, not derived from the code under test.
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -376,12 +378,15 @@ def test_kohya_extract_from_sdxl_round_trips_through_merge(tmp_path):
     assert result.format == "kohya"
     lora = open_lora(out)
     names = set(lora.modules)
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in names
-    assert "lora_unet_up_blocks_0_upsamplers_0_conv" in names
+    # sd-scripts' SDXL names: the UNet in the original (ldm) layout, written out by hand
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_output_blocks_2_2_conv" in names
+    assert "lora_unet_input_blocks_4_1_proj_in" in names
+    assert not any(n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for n in names)
     assert {f"lora_te2_text_model_encoder_layers_0_self_attn_{p}_proj" for p in "qkv"} <= names
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1" in names
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc1" in names
-    assert lora.modules["lora_unet_up_blocks_0_upsamplers_0_conv"].in_shape == (C1, 3, 3)
+    assert lora.modules["lora_unet_output_blocks_2_2_conv"].in_shape == (C1, 3, 3)
     assert set(result.skipped) == {f"{U}out.0.weight", "first_stage_model.encoder.conv_in.weight"}
     assert "largest change 0.01" in result.skipped[f"{U}out.0.weight"]
     lora.close()
@@ -435,3 +440,131 @@ def test_kohya_extract_from_diffusers_pipelines_uses_diffusers_names(diffusers_p
         best = ((u[:, :4] * s[:4]) @ vh[:4]).reshape(change.shape)
         torch.testing.assert_close((unet_m[name] - unet_a[name]).double(), best, rtol=0, atol=1e-5)
     assert torch.equal(unet_m["conv_in.bias"], unet_a["conv_in.bias"])
+
+
+# ----------------------------------------------------------------------------- SDXL names as sd-scripts writes them
+
+# sd-scripts trains SDXL on its own original-layout UNet, so its SDXL LoRAs name UNet modules in the
+# ldm layout; the text encoders by Hugging Face CLIP names under lora_te1_ / lora_te2_. Written out by
+# hand: kohya module name -> (diffusers pipeline tensor, single-file tensor).
+SDXL_KOHYA = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (
+        "unet/down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        f"{U}input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"),
+    "lora_unet_input_blocks_8_1_transformer_blocks_3_attn2_to_k": (
+        "unet/down_blocks.2.attentions.1.transformer_blocks.3.attn2.to_k.weight",
+        f"{U}input_blocks.8.1.transformer_blocks.3.attn2.to_k.weight"),
+    "lora_unet_input_blocks_3_0_op": (
+        "unet/down_blocks.0.downsamplers.0.conv.weight", f"{U}input_blocks.3.0.op.weight"),
+    "lora_unet_middle_block_1_proj_in": (
+        "unet/mid_block.attentions.0.proj_in.weight", f"{U}middle_block.1.proj_in.weight"),
+    "lora_unet_middle_block_2_in_layers_2": (
+        "unet/mid_block.resnets.1.conv1.weight", f"{U}middle_block.2.in_layers.2.weight"),
+    "lora_unet_output_blocks_2_2_conv": (
+        "unet/up_blocks.0.upsamplers.0.conv.weight", f"{U}output_blocks.2.2.conv.weight"),
+    "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_2": (
+        "unet/up_blocks.1.attentions.2.transformer_blocks.1.ff.net.2.weight",
+        f"{U}output_blocks.5.1.transformer_blocks.1.ff.net.2.weight"),
+    "lora_unet_output_blocks_8_0_in_layers_2": (
+        "unet/up_blocks.2.resnets.2.conv1.weight", f"{U}output_blocks.8.0.in_layers.2.weight"),
+    "lora_unet_output_blocks_6_0_skip_connection": (
+        "unet/up_blocks.2.resnets.0.conv_shortcut.weight", f"{U}output_blocks.6.0.skip_connection.weight"),
+    # transformers 5 saves CLIPTextModel without its text_model. level; sd-scripts' name keeps it
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (
+        "text_encoder/encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"),
+    "lora_te2_text_model_encoder_layers_31_mlp_fc1": (
+        "text_encoder_2/text_model.encoder.layers.31.mlp.fc1.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight"),
+}
+# The same modules as diffusers-named kohya files spell them (what our resolver must read too).
+SDXL_DIFFUSERS_SPELLING = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_middle_block_1_proj_in": "lora_unet_mid_block_attentions_0_proj_in",
+    "lora_unet_output_blocks_2_2_conv": "lora_unet_up_blocks_0_upsamplers_0_conv",
+    "lora_unet_output_blocks_8_0_in_layers_2": "lora_unet_up_blocks_2_resnets_2_conv1",
+}
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(tmp_path_factory) -> dict[str, Path]:
+    """An SDXL pipeline and single file (fixture widths), and a pipeline tuned by rank-2 changes on SDXL_KOHYA."""
+    from tests.fixtures import sd_checkpoints as F
+
+    root = tmp_path_factory.mktemp("sdxl-lora")
+    pipe = F.make_pipeline(root / "pipe", "sdxl", seed=3)
+    tuned = root / "tuned"
+    shutil.copytree(pipe, tuned)
+    gen = torch.Generator().manual_seed(5)
+    files = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+             "text_encoder_2": "model.safetensors"}
+    for comp, file in files.items():
+        state = load_file(tuned / comp / file)
+        for diffusers_name, _ in SDXL_KOHYA.values():
+            if diffusers_name.startswith(comp + "/"):
+                key = diffusers_name.removeprefix(comp + "/")
+                w = state[key]
+                flat = w.reshape(w.shape[0], -1)
+                change = torch.randn(flat.shape[0], 2, generator=gen) @ torch.randn(2, flat.shape[1], generator=gen)
+                state[key] = (flat + 0.05 * change).reshape(w.shape)
+        save_file(state, str(tuned / comp / file), metadata={"format": "pt"})
+    single = F.make_checkpoint(root / "xl.safetensors", "sdxl", seed=3)
+    return {"pipe": pipe, "tuned": tuned, "single": single}
+
+
+def test_kohya_extract_from_an_sdxl_pipeline_writes_sd_scripts_names(sdxl_models, tmp_path):
+    """The diffusers UNet names of a pipeline are written in the original layout, as sd-scripts does for SDXL."""
+    out = tmp_path / "xl.safetensors"
+    pattern = "|".join(re.escape(d) for d, _ in SDXL_KOHYA.values())
+    result = extract_lora(sdxl_models["pipe"], sdxl_models["tuned"], out, rank=2, modules=pattern, device="cpu")
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    assert {k.rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k} == set(SDXL_KOHYA)
+    assert {r.module: r.tensor for r in result.modules} == {k: d for k, (d, _) in SDXL_KOHYA.items()}
+    merged = tmp_path / "merged"
+    merge_lora(sdxl_models["pipe"], [out], merged)  # our resolver reads them back onto the pipeline
+    for comp, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                       ("text_encoder_2", "model.safetensors")):
+        got, want = load_file(merged / comp / file), load_file(sdxl_models["tuned"] / comp / file)
+        for diffusers_name, _ in SDXL_KOHYA.values():
+            if diffusers_name.startswith(comp + "/"):
+                key = diffusers_name.removeprefix(comp + "/")
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["pipe", "single"])
+def test_sdxl_kohya_names_resolve_in_both_spellings(sdxl_models, layout):
+    from core.io.formats import open_model
+
+    source = open_model(sdxl_models[layout])
+    try:
+        index = ModelIndex(source.tensors)
+        column = 0 if layout == "pipe" else 1
+        prefixes = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2"}
+        for module, tensors in SDXL_KOHYA.items():
+            head = next(p for p in prefixes if module.startswith(p))
+            found = index.resolve_kohya(prefixes[head], module.removeprefix(head))
+            assert [t.tensor for t in found] == [tensors[column]], module
+        for module, spelled in SDXL_DIFFUSERS_SPELLING.items():
+            found = index.resolve_kohya("unet", spelled.removeprefix("lora_unet_"))
+            assert [t.tensor for t in found] == [SDXL_KOHYA[module][column]], spelled
+    finally:
+        source.close()
+
+
+def test_sd_scripts_sdxl_lora_merges_into_a_single_file_by_its_formula(sdxl_models, tmp_path):
+    from core.io.formats import open_model
+
+    src = open_model(sdxl_models["single"])
+    try:  # rank 2 on every module: (rank, out, down's trailing shape)
+        shapes = {m: (2, src.tensors[n].shape[0], tuple(src.tensors[n].shape[1:])) for m, (_, n) in SDXL_KOHYA.items()}
+    finally:
+        src.close()
+    lora_path = kohya_lora(tmp_path / "sd_scripts_xl.safetensors", shapes, alpha=1.0)
+    out = tmp_path / "merged.safetensors"
+    merge_lora(sdxl_models["single"], [(lora_path, 0.5)], out)
+    base, merged, lora = load_file(sdxl_models["single"]), load_file(out), load_file(lora_path)
+    for module, (_, name) in SDXL_KOHYA.items():
+        want = (base[name].float() + 0.5 * delta(lora, module, base[name].shape)).to(base[name].dtype)
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=2e-3, msg=module)

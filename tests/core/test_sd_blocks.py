@@ -27,6 +27,46 @@ PUBLISHED = {
 }
 
 
+# The UNet tensors outside input_blocks / middle_block / output_blocks, by the published rule of
+# merge-block-weighted and supermerger: the timestep embedding runs before the input blocks (IN00), the
+# final norm and convolution after the output blocks (the last OUT block); SDXL's label_emb follows
+# time_embed (our rule: supermerger leaves both unmerged). Text encoders: BASE (SDXL: TE1 / TE2).
+OUTSIDE_BLOCKS = {
+    "sd1": {
+        "model.diffusion_model.time_embed.0.weight": "IN00",
+        "model.diffusion_model.time_embed.2.bias": "IN00",
+        "model.diffusion_model.out.0.weight": "OUT11",
+        "model.diffusion_model.out.2.weight": "OUT11",
+        "model.diffusion_model.out.2.bias": "OUT11",
+        "model.diffusion_model.input_blocks.0.0.weight": "IN00",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": "BASE",
+        "betas": "BASE",
+        "unet/time_embedding.linear_1.weight": "IN00",
+        "unet/time_embedding.linear_2.bias": "IN00",
+        "unet/conv_norm_out.weight": "OUT11",
+        "unet/conv_out.weight": "OUT11",
+        "unet/conv_in.weight": "IN00",
+        "text_encoder/text_model.final_layer_norm.weight": "BASE",
+    },
+    "sdxl": {
+        "model.diffusion_model.time_embed.0.weight": "IN00",
+        "model.diffusion_model.label_emb.0.0.weight": "IN00",
+        "model.diffusion_model.label_emb.0.2.bias": "IN00",
+        "model.diffusion_model.out.0.bias": "OUT08",
+        "model.diffusion_model.out.2.weight": "OUT08",
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": "TE1",
+        "conditioner.embedders.1.model.ln_final.weight": "TE2",
+        "unet/time_embedding.linear_1.weight": "IN00",
+        "unet/add_embedding.linear_1.weight": "IN00",
+        "unet/add_embedding.linear_2.bias": "IN00",
+        "unet/conv_norm_out.bias": "OUT08",
+        "unet/conv_out.weight": "OUT08",
+        "text_encoder/text_model.final_layer_norm.weight": "TE1",
+        "text_encoder_2/text_model.final_layer_norm.weight": "TE2",
+    },
+}
+
+
 def _expected(name: str, kind: str) -> str:
     """The block of an original-layout key, by the published rule (test's own code)."""
     m = re.match(r"model\.diffusion_model\.(input_blocks|output_blocks)\.(\d+)\.", name)
@@ -34,11 +74,35 @@ def _expected(name: str, kind: str) -> str:
         return ("IN" if m.group(1) == "input_blocks" else "OUT") + m.group(2).zfill(2)
     if name.startswith("model.diffusion_model.middle_block."):
         return "M00"
+    if name.startswith(("model.diffusion_model.time_embed.", "model.diffusion_model.label_emb.")):
+        return "IN00"
+    if name.startswith("model.diffusion_model.out."):
+        return "OUT08" if kind == "sdxl" else "OUT11"
     if name.startswith("first_stage_model."):
         return "VAE"
     if kind == "sdxl" and name.startswith("conditioner.embedders."):
         return "TE1" if name.startswith("conditioner.embedders.0.") else "TE2"
     return "BASE"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_tensors_outside_the_numbered_blocks_follow_the_published_tools(kind):
+    table = OUTSIDE_BLOCKS["sdxl" if kind == "sdxl" else "sd1"]
+    for name, block in table.items():
+        if kind == "sd2" and name.startswith(("cond_stage_model.transformer.", "text_encoder/")):
+            continue  # SD 2.x's OpenCLIP: below
+        if "/" in name:
+            assert B.diffusers_block(name, kind) == block, name
+            assert B.BlockMap(kind, "diffusers", [name]).block_of(name) == block, name
+        else:
+            assert B.ldm_block(name, kind) == block, name
+            assert B.BlockMap(kind, "ldm", [name]).block_of(name) == block, name
+    if kind == "sd2":
+        assert B.ldm_block("cond_stage_model.model.ln_final.weight", kind) == "BASE"
+    if kind != "sdxl":  # the EMA copy of the final convolution goes with it
+        bmap = B.BlockMap(kind, "ldm", F.ldm_shapes(kind, ema=True))
+        assert bmap.block_of("model_ema.diffusion_modelout2weight") == "OUT11"
+        assert bmap.block_of("model_ema.diffusion_modeltime_embed0weight") == "IN00"
 
 
 def _content(names: list[str], block: str) -> str:
@@ -68,16 +132,26 @@ def test_every_original_key_maps_to_its_published_block(kind):
         block = bmap.block_of(name)
         assert block == _expected(name, kind), name
         by_block.setdefault(block, []).append(name)
-    assert set(by_block) == set(B.BLOCK_NAMES[kind])  # every block of the architecture holds tensors
+    # every block of the architecture holds tensors; SDXL's BASE holds none of its own (the text
+    # encoders are TE1 / TE2, which take BASE's value unless named)
+    assert set(by_block) == set(B.BLOCK_NAMES[kind]) - ({"BASE"} if kind == "sdxl" else set())
     published = PUBLISHED["sdxl" if kind == "sdxl" else "sd1"]
     for block, content in published.items():
         assert _content(by_block[block], block) == content, block
-    assert {bmap.block_of(n) for n in by_block["M00"]} == {"M00"} and len(by_block["IN00"]) == 2
-    base = by_block["BASE"]
-    assert "model.diffusion_model.time_embed.0.weight" in base and "model.diffusion_model.out.2.weight" in base
-    if kind == "sdxl":
-        assert "model.diffusion_model.label_emb.0.0.weight" in base
-    else:
+    assert {bmap.block_of(n) for n in by_block["M00"]} == {"M00"}
+    unet = "model.diffusion_model."
+    assert {n.removeprefix(unet) for n in by_block["IN00"]} == {
+        "input_blocks.0.0.weight", "input_blocks.0.0.bias", "time_embed.0.weight", "time_embed.0.bias",
+        "time_embed.2.weight", "time_embed.2.bias",
+        *(["label_emb.0.0.weight", "label_emb.0.0.bias", "label_emb.0.2.weight", "label_emb.0.2.bias"]
+          if kind == "sdxl" else []),
+    }
+    last = "OUT08" if kind == "sdxl" else "OUT11"
+    assert {n for n in by_block[last] if not n.startswith(f"{unet}output_blocks.")} == {
+        f"{unet}out.0.weight", f"{unet}out.0.bias", f"{unet}out.2.weight", f"{unet}out.2.bias"}
+    base = by_block.get("BASE", [])
+    assert not any(n.startswith(unet) for n in base)  # every UNet tensor is in an IN / M / OUT block
+    if kind != "sdxl":
         assert any(n.startswith("cond_stage_model.") for n in base) and "betas" in base
 
 
@@ -143,8 +217,9 @@ def test_every_diffusers_key_maps_to_the_block_of_its_original(kind):
         "unet/up_blocks.0.resnets.2.conv1.weight": "OUT02",
         "unet/up_blocks.0.upsamplers.0.conv.weight": "OUT02",
         "unet/up_blocks.1.resnets.0.conv1.weight": "OUT03",
-        "unet/conv_out.weight": "BASE",
-        "unet/time_embedding.linear_1.weight": "BASE",
+        "unet/conv_out.weight": "OUT08" if kind == "sdxl" else "OUT11",
+        "unet/conv_norm_out.weight": "OUT08" if kind == "sdxl" else "OUT11",
+        "unet/time_embedding.linear_1.weight": "IN00",
         "vae/decoder.conv_out.weight": "VAE",
     }
     for key, block in checks.items():
@@ -192,6 +267,8 @@ def test_text_encoders_and_vae_take_base_unless_named():
     assert bmap.pick(setting, "first_stage_model.decoder.conv_out.weight") == 0.2
     assert bmap.pick(setting, "model.diffusion_model.input_blocks.4.1.proj_in.weight") == 0.5
     assert bmap.pick({"blocks": {"IN04": 0.1}}, "model.diffusion_model.out.2.weight") is None
+    assert bmap.pick({"blocks": {"OUT08": 0.3, "BASE": 0.1}}, "model.diffusion_model.out.2.weight") == 0.3
+    assert bmap.pick({"blocks": {"IN00": 0.7, "BASE": 0.1}}, "model.diffusion_model.label_emb.0.0.weight") == 0.7
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,10 @@ def _block(name: str) -> str:
         return ("IN" if m.group(1) == "input" else "OUT") + m.group(2).zfill(2)
     if name.startswith("model.diffusion_model.middle_block."):
         return "M00"
+    if name.startswith("model.diffusion_model.time_embed."):  # before the input blocks (merge-block-weighted)
+        return "IN00"
+    if name.startswith("model.diffusion_model.out."):  # the final norm and conv: after the output blocks
+        return "OUT11"
     return "VAE" if name.startswith("first_stage_model.") else "BASE"
 
 
@@ -88,8 +93,10 @@ def test_weighted_sum_with_block_weights_tensor_by_tensor(ckpts, tmp_path):
     sa, sb = load_file(a), load_file(b)
     _check_formula(out, [sa, sb], _ws, lambda name: table.get(_block(name), 0.4))
     merged = load_file(out)
-    conv = "model.diffusion_model.input_blocks.0.0.weight"
-    assert torch.equal(merged[conv], sb[conv])  # alpha 1: B exactly
+    for conv in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight"):
+        assert torch.equal(merged[conv], sb[conv])  # IN00, alpha 1: B exactly
+    final = "model.diffusion_model.out.2.weight"  # OUT11: 0.9, not BASE's 0.2
+    torch.testing.assert_close(merged[final], (sa[final].float() * 0.1 + sb[final].float() * 0.9).half())
     for name in sa:  # alpha 0: A exactly (IN05, and the VAE kept as A's)
         if name.startswith(("model.diffusion_model.input_blocks.5.", "first_stage_model.")):
             assert torch.equal(merged[name], sa[name]), name
@@ -197,8 +204,87 @@ def test_a_diffusers_vae_does_not_fit_an_original_checkpoint(ckpts, tmp_path):
 
     vae = tmp_path / "diffusers_vae.safetensors"  # diffusers' names for the same VAE
     save_file({"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3)}, str(vae))
-    with pytest.raises(ModelError, match=r"tensor 'encoder.down_blocks.0.resnets.0.conv1.weight' has no counterpart"):
+    with pytest.raises(ModelError, match=r"uses diffusers' VAE names .* needs the original \(ldm\) VAE names"):
         merge.check(_recipe("convert", [ckpts["sd1_a"]], vae=str(vae)))
+
+
+@pytest.fixture(scope="module")
+def diffusers_vae(tmp_path_factory) -> Path:
+    """A VAE folder as diffusers saves it (config.json + diffusers-named weights)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dvae") / "my-vae"
+    AutoencoderKL(**F.vae_config()).save_pretrained(root)
+    return root
+
+
+def _pipeline_without_vae(root: Path) -> Path:
+    pipe = F.make_pipeline(root, "sd1", seed=1)
+    shutil.rmtree(pipe / "vae")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index.pop("vae")
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    return pipe
+
+
+def _refused_naming(vae: Path, recipe, out: Path, words: list[str]) -> None:
+    with pytest.raises(ModelError) as info:
+        merge.run(recipe, out, device="cpu")
+    text = str(info.value)
+    assert text.startswith(f"{vae}: ") and text.count(". ") == 0 and text.endswith("first."), text  # one sentence
+    for word in words:
+        assert word in text, text
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_diffusers_vae_is_not_baked_into_a_single_file_without_a_vae(ckpts, diffusers_vae, tmp_path):
+    """first_stage_model.encoder.down_blocks.* would be a checkpoint A1111 cannot load."""
+    out = tmp_path / "out.safetensors"
+    recipe = _recipe("convert", [ckpts["sd1_novae"]], vae=str(diffusers_vae))
+    _refused_naming(diffusers_vae, recipe, out, [
+        "diffusers' VAE names (encoder.down_blocks.0.resnets.0...)", f"model '{ckpts['sd1_novae']}'",
+        "a single-file (original layout) checkpoint", "the original (ldm) VAE names (encoder.down.0.block.0...)",
+        "convert the VAE"])
+    single = tmp_path / "diffusers-named.safetensors"  # the same weights as one file, no config
+    shutil.copy(diffusers_vae / "diffusion_pytorch_model.safetensors", single)
+    _refused_naming(single, _recipe("convert", [ckpts["sd1_novae"]], vae=str(single)), out, ["diffusers' VAE names"])
+
+
+def test_an_original_vae_is_not_baked_into_a_pipeline_without_a_vae(ckpts, diffusers_vae, tmp_path):
+    pipe = _pipeline_without_vae(tmp_path / "pipe")
+    out = tmp_path / "out"
+    for vae in (ckpts["vae"], ckpts["sd1_a"]):  # a VAE file, and the VAE of a whole checkpoint
+        _refused_naming(vae, _recipe("convert", [pipe], vae=str(vae)), out, [
+            "the original (ldm) VAE names (encoder.down.0.block.0...)", "a diffusers pipeline",
+            "needs diffusers' VAE names"])
+    # the matching layout is baked in, name for name
+    merge.run(_recipe("convert", [pipe], vae=str(diffusers_vae)), out, device="cpu")
+    got = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    want = load_file(diffusers_vae / "diffusion_pytorch_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    # ...and the pipeline lists it, with its config, so it loads whole.
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(out / "vae")
+    # A diffusers-named VAE without its config.json cannot be added to a pipeline.
+    single = tmp_path / "no-config.safetensors"
+    shutil.copy(diffusers_vae / "diffusion_pytorch_model.safetensors", single)
+    with pytest.raises(ModelError, match="has no config.json"):
+        merge.run(_recipe("convert", [pipe], vae=str(single)), tmp_path / "out2", device="cpu")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_vae_layouts_are_told_from_their_names(diffusers_vae):
+    from core.merge.sd_plan import vae_layout
+
+    ldm = [k for k in F.vae_shapes(prefix="")]
+    assert vae_layout(ldm) == "ldm"
+    with safe_open(str(diffusers_vae / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert vae_layout(list(f.keys())) == "diffusers"
+    assert vae_layout(["encoder.conv_in.weight", "decoder.conv_out.weight"]) is None  # the names both share
+    assert vae_layout(["encoder.down.0.block.0.conv1.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"]) == "mixed"
 
 
 def test_drop_patterns_are_regular_expressions_searched_in_names(ckpts, tmp_path):
@@ -378,8 +464,16 @@ def test_sdxl_text_encoders_take_their_own_block_values(ckpts, tmp_path):
             assert torch.equal(merged[name], sa[name]), name
         elif name.startswith(("conditioner.embedders.1.", "model.diffusion_model.input_blocks.8.")):
             assert torch.equal(merged[name], sb[name]), name
-    label = "model.diffusion_model.label_emb.0.0.weight"  # BASE: the default
+    label = "model.diffusion_model.label_emb.0.0.weight"  # IN00, not named: the default
     torch.testing.assert_close(merged[label], ((sa[label].float() + sb[label].float()) / 2).half())
+    xl = {"blocks": {"BASE": 0.0, "IN00": 1.0, "OUT08": 1.0}, "default": 0.0}
+    out = _merge(tmp_path, "weighted_sum", [a, b], "xl.safetensors", parameters={"alpha": xl})
+    merged = load_file(out)
+    for name in sa:  # time_embed and label_emb go with IN00, the final norm and conv with OUT08
+        if name.startswith(tuple(f"model.diffusion_model.{p}." for p in ("time_embed", "label_emb", "out"))):
+            assert torch.equal(merged[name], sb[name]), name
+        elif name.startswith("conditioner."):
+            assert torch.equal(merged[name], sa[name]), name
 
 
 def test_drop_works_on_any_model(llama_family, tmp_path):

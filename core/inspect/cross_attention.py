@@ -1,4 +1,4 @@
-"""Cross-attention maps per prompt token for Stable Diffusion pipelines (DAAM).
+"""Cross-attention maps per prompt token for Stable Diffusion (1.x / 2.x / XL) pipelines (DAAM).
 
 Re-implemented from the paper, not from its code: Tang, Liu, Pandey, Jiang, Yang,
 Kumar, Stenetorp, Lin, Ture, "What the DAAM: Interpreting Stable Diffusion Using
@@ -43,6 +43,30 @@ the same count (or the prompt, when the negative is longer). The UNet's cross-at
 then attends over all ``77 * chunks`` positions and the maps' token axis spans every
 window; start, end and padding positions are dropped from the output.
 
+SDXL
+----
+A ``StableDiffusionXLPipeline`` (Podell et al., "SDXL: Improving Latent Diffusion
+Models for High-Resolution Image Synthesis", 2023, https://arxiv.org/abs/2307.01952)
+conditions its UNet on two text encoders: each position's context vector is the
+concatenation, along the features, of ``text_encoder``'s and ``text_encoder_2``'s
+penultimate hidden states, and ``text_encoder_2``'s pooled, projected output enters
+through the added ``text_time`` embedding. The cross-attention is the same ``attn2``
+over 77 positions per window, so the capture is unchanged; what differs is the text:
+
+* The tokens, and so the maps, are listed from the first ``tokenizer``. Released SDXL
+  uses the same BPE in both tokenizers (only the pad token differs), so the positions
+  agree; when ``tokenizer_2`` splits the prompt differently a note says so.
+* Up to 75 tokens the prompt goes to the pipeline as text, which encodes it itself.
+* Longer prompts are windowed as above with each tokenizer's own start/end/pad ids;
+  each window goes through both encoders (penultimate hidden states, features
+  concatenated), the windows are concatenated along the sequence, and the pooled
+  embedding is ``text_encoder_2``'s for the first window (the convention of A1111's web
+  UI and compel). These are passed as ``prompt_embeds`` / ``pooled_prompt_embeds`` and
+  the negative's as ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``.
+* An empty negative prompt is handed over as *no* negative prompt, so a pipeline with
+  ``force_zeros_for_empty_prompt`` (SDXL's default) uses zero unconditional embeddings
+  (and zeros for long prompts too), as a plain call without ``negative_prompt`` does.
+
 Normalisation: each token's map is divided by its own maximum over the image, so
 ``maps[k]`` lies in ``[0, 1]``; ``raw_max[k]`` keeps that maximum (the summed
 probability at the hottest pixel) so maps stay comparable across tokens and runs.
@@ -72,6 +96,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy
 WINDOW = 75  # prompt tokens per CLIP window (77 positions minus start and end)
 LEVELS = ("down", "mid", "up")
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = REQUIRED_COMPONENTS + ("text_encoder_2", "tokenizer_2")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 class CrossAttentionError(MergeStudioError):
@@ -425,9 +451,9 @@ def chunk_token_ids(ids: list[int], bos: int, eos: int, pad: int, window: int = 
     return [[bos] + piece + [eos] + [pad] * (window - len(piece)) for piece in pieces]
 
 
-def _prompt_ids(pipe, text: str) -> list[int]:
-    """The tokenizer's ids for ``text`` without special tokens and without truncation."""
-    tokenizer = pipe.tokenizer
+def _prompt_ids(pipe, text: str, tokenizer=None) -> list[int]:
+    """``tokenizer``'s (default the pipeline's first) ids for ``text`` without special tokens or truncation."""
+    tokenizer = pipe.tokenizer if tokenizer is None else tokenizer
     if hasattr(pipe, "maybe_convert_prompt"):  # textual-inversion tokens, as the pipeline does
         text = pipe.maybe_convert_prompt(text, tokenizer)
     # tokenize + convert gives the ids __call__ gives, without its "longer than 77" warning
@@ -457,6 +483,37 @@ def encode_chunks(pipeline, chunks: list[list[int]]) -> "torch.Tensor":
     return torch.cat(out, dim=1)
 
 
+def encode_chunks_sdxl(pipeline, chunks: list[list[int]], chunks_2: list[list[int]]
+                       ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Encode 77-id windows with both SDXL text encoders: ``([1, 77 * C, D1 + D2], [1, P])``.
+
+    Window ``c`` is encoded as the SDXL pipeline encodes a prompt: ``chunks[c]`` (ids of
+    ``tokenizer``) by ``text_encoder`` and ``chunks_2[c]`` (ids of ``tokenizer_2``) by
+    ``text_encoder_2``, each giving its penultimate hidden states ``[1, 77, D_i]``, which
+    are concatenated along the features; the windows are then concatenated along the
+    sequence. The pooled embedding ``[1, P]`` is ``text_encoder_2``'s projected output for
+    the first window, as A1111 and compel take it. No attention mask, as the pipeline.
+    """
+    import torch
+
+    if len(chunks) != len(chunks_2):
+        raise CrossAttentionError(f"{len(chunks)} windows for text_encoder but {len(chunks_2)} for text_encoder_2.")
+    encoders = (pipeline.text_encoder, pipeline.text_encoder_2)
+    windows, pooled = [], None
+    with torch.no_grad():
+        for c, pair in enumerate(zip(chunks, chunks_2)):
+            parts = []
+            for encoder, chunk in zip(encoders, pair):
+                ids = torch.tensor([chunk], dtype=torch.long, device=next(encoder.parameters()).device)
+                out = encoder(ids, output_hidden_states=True)
+                parts.append(out.hidden_states[-2])
+                if c == 0 and encoder is encoders[1]:
+                    pooled = out[0]  # CLIPTextModelWithProjection: text_embeds [1, P]
+            windows.append(torch.cat([part.to(parts[-1].device) for part in parts], dim=-1))
+    dtype = encoders[1].dtype  # the pipeline casts both to text_encoder_2's dtype
+    return torch.cat(windows, dim=1).to(dtype=dtype), pooled.to(dtype=dtype)
+
+
 def _token_text(tokenizer, token_id: int) -> str:
     text = tokenizer.decode([token_id]).strip()
     return text or str(tokenizer.convert_ids_to_tokens(token_id)).replace("</w>", "")
@@ -466,7 +523,10 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 def _load_pipeline(path: Path, device: str):
-    """Load a local ``StableDiffusionPipeline`` folder (no safety checker), after checking its components."""
+    """Load a local ``StableDiffusionPipeline`` (no safety checker) or ``StableDiffusionXLPipeline`` folder.
+
+    The components are checked first, so a missing one is named rather than failing inside diffusers.
+    """
     if not path.exists():
         raise ModelError(f"{path} does not exist.")
     index_file = path / "model_index.json"
@@ -477,34 +537,43 @@ def _load_pipeline(path: Path, device: str):
     except (OSError, ValueError) as exc:
         raise ModelError(f"{index_file} cannot be read as JSON ({_first_line(exc)}).") from None
     cls = index.get("_class_name") if isinstance(index, dict) else None
-    if cls != "StableDiffusionPipeline":
+    if cls not in SUPPORTED_PIPELINES:
         raise ModelError(
             f"{path} is a {cls or 'unknown'} pipeline; cross-attention maps support StableDiffusionPipeline "
-            f"(SD 1.x / 2.x) folders.")
-    for name in REQUIRED_COMPONENTS:
+            f"(SD 1.x / 2.x) and StableDiffusionXLPipeline (SDXL) folders.")
+    sdxl = cls == "StableDiffusionXLPipeline"
+    for name in SDXL_COMPONENTS if sdxl else REQUIRED_COMPONENTS:
         entry = index.get(name)
         if not isinstance(entry, list) or entry[0] is None or not (path / name).is_dir():
             raise ModelError(f"{path} has no {name} component (model_index.json or the {name}/ folder).")
-    from diffusers import StableDiffusionPipeline
+    # Safetensors only, from the folder only: a pickle (.bin) component could run code when read.
+    options: dict[str, Any] = dict(use_safetensors=True, local_files_only=True)
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline as loader
 
+        kind = "Stable Diffusion XL"
+    else:
+        from diffusers import StableDiffusionPipeline as loader
+
+        kind = "Stable Diffusion"
+        options.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        # Safetensors only, from the folder only: a pickle (.bin) component could run code when read.
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, use_safetensors=True,
-                                                       local_files_only=True)
+        pipe = loader.from_pretrained(str(path), **options)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot be loaded as a Stable Diffusion pipeline ({_load_reason(exc)}).") from None
+        raise ModelError(f"{path}: cannot be loaded as a {kind} pipeline ({_load_reason(exc)}).") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def _is_sdxl(pipe) -> bool:
+    """Whether ``pipe`` has SDXL's second text encoder or tokenizer."""
+    return getattr(pipe, "tokenizer_2", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
+
+
 def _check_loaded(pipe) -> None:
-    for name in REQUIRED_COMPONENTS:
+    for name in SDXL_COMPONENTS if _is_sdxl(pipe) else REQUIRED_COMPONENTS:
         if getattr(pipe, name, None) is None:
             raise ModelError(f"The pipeline has no {name} component.")
-    if getattr(pipe, "tokenizer_2", None) is not None or getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError(
-            "The pipeline has two text encoders (SDXL); cross-attention maps support SD 1.x / 2.x pipelines.")
 
 
 def _load_reason(exc: BaseException) -> str:
@@ -514,6 +583,15 @@ def _load_reason(exc: BaseException) -> str:
         return (f"{type(exc).__name__}: no {found.group(1)} in {found.group(2)}; only safetensors weights are "
                 f"loaded, never pickle .bin files")
     return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _config_value(pipe, key: str):
+    """``pipe.config[key]``, or None when the pipeline has no such config entry."""
+    config = getattr(pipe, "config", None)
+    try:
+        return config.get(key) if config is not None else None
+    except AttributeError:
+        return getattr(config, key, None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -549,8 +627,9 @@ def iter_cross_attention(
 ) -> Generator[Progress, None, CrossAttentionMaps]:
     """Generate one image and its per-token cross-attention maps, yielding Progress after each step.
 
-    ``pipeline`` is a local StableDiffusionPipeline folder or a loaded pipeline (moved to
-    ``device``). ``timesteps`` are step indices ``0..steps-1`` to aggregate (default all),
+    ``pipeline`` is a local StableDiffusionPipeline or StableDiffusionXLPipeline folder, or a
+    loaded pipeline (moved to ``device``); SDXL is recognised by its ``text_encoder_2`` /
+    ``tokenizer_2``. ``timesteps`` are step indices ``0..steps-1`` to aggregate (default all),
     ``layers`` ``attn2`` module names or levels ``"down"``/``"mid"``/``"up"`` (default all, see
     :func:`attention_layers`), ``heads``
     head indices (default all). The noise comes from a CPU ``torch.Generator`` seeded with
@@ -627,6 +706,7 @@ def iter_cross_attention(
         heads = sorted(set(heads))
 
     # Prompt -> 75-token windows; the maps keep the prompt's own positions only.
+    sdxl = _is_sdxl(pipe)
     tok = pipe.tokenizer
     ids = _prompt_ids(pipe, prompt)
     if not ids:
@@ -634,20 +714,43 @@ def iter_cross_attention(
     neg_ids = _prompt_ids(pipe, negative_prompt)
     p_chunks = chunk_token_ids(ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     n_chunks = chunk_token_ids(neg_ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    n_prompt_chunks = len(p_chunks)
     empty = chunk_token_ids([], tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    width_chunks = max(len(p_chunks), len(n_chunks))
     notes: list[str] = []
+    p_count, n_count = len(p_chunks), len(n_chunks)
+    zero_negative = False
+    if sdxl:
+        # text_encoder_2 reads tokenizer_2's ids (the same BPE in released SDXL, another pad token)
+        tok2 = pipe.tokenizer_2
+        ids2 = _prompt_ids(pipe, prompt, tok2)
+        p_chunks2 = chunk_token_ids(ids2, tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id)
+        n_chunks2 = chunk_token_ids(_prompt_ids(pipe, negative_prompt, tok2), tok2.bos_token_id,
+                                    tok2.eos_token_id, tok2.pad_token_id)
+        empty2 = chunk_token_ids([], tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id)
+        p_count, n_count = max(p_count, len(p_chunks2)), max(n_count, len(n_chunks2))
+        if tok2.convert_ids_to_tokens(ids2) != tok.convert_ids_to_tokens(ids):
+            notes.append(f"tokenizer_2 splits the prompt into {len(ids2)} tokens and tokenizer into {len(ids)}; the "
+                         f"maps list tokenizer's tokens, and where the splits differ text_encoder_2 put other text "
+                         f"at the same positions.")
+        # a plain SDXL call without a negative prompt uses zero embeddings when the pipeline says so
+        zero_negative = not negative_prompt and bool(_config_value(pipe, "force_zeros_for_empty_prompt"))
+        if zero_negative:
+            notes.append("The negative prompt is empty and this pipeline sets force_zeros_for_empty_prompt, so the "
+                         "unconditional embeddings are zeros, as in a plain call without a negative prompt.")
+    n_prompt_chunks = p_count
+    width_chunks = max(p_count, n_count)
     if width_chunks > 1:
         notes.append(f"The prompt has {len(ids)} tokens and the negative prompt {len(neg_ids)}: each was cut into "
                      f"{WINDOW}-token windows, encoded separately and concatenated ({width_chunks} windows of 77).")
-    if len(n_chunks) < width_chunks:
-        notes.append(f"The negative prompt was padded with {width_chunks - len(n_chunks)} empty window(s).")
-    if len(p_chunks) < width_chunks:
-        notes.append(f"The prompt was padded with {width_chunks - len(p_chunks)} empty window(s) to match the "
+    if n_count < width_chunks and not zero_negative:
+        notes.append(f"The negative prompt was padded with {width_chunks - n_count} empty window(s).")
+    if p_count < width_chunks:
+        notes.append(f"The prompt was padded with {width_chunks - p_count} empty window(s) to match the "
                      f"longer negative prompt; those windows have no tokens in the maps.")
     p_chunks += empty * (width_chunks - len(p_chunks))
     n_chunks += empty * (width_chunks - len(n_chunks))
+    if sdxl:
+        p_chunks2 += empty2 * (width_chunks - len(p_chunks2))
+        n_chunks2 += empty2 * (width_chunks - len(n_chunks2))
     # token j of window c sits at 77 * c + 1 + j in the concatenated embeddings (after its start token)
     token_chunks = [i // WINDOW for i in range(len(ids))]
     positions = [(WINDOW + 2) * (i // WINDOW) + 1 + i % WINDOW for i in range(len(ids))]
@@ -664,7 +767,15 @@ def iter_cross_attention(
                                 guidance_scale=float(guidance_scale), output_type="np",
                                 generator=torch.Generator("cpu").manual_seed(seed))
     if width_chunks == 1:  # the pipeline's own encoding: exactly what a plain call does
-        call.update(prompt=prompt, negative_prompt=negative_prompt)
+        call.update(prompt=prompt, negative_prompt=None if zero_negative else negative_prompt)
+    elif sdxl:
+        embeds, pooled = encode_chunks_sdxl(pipe, p_chunks, p_chunks2)
+        if zero_negative:
+            neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            neg_embeds, neg_pooled = encode_chunks_sdxl(pipe, n_chunks, n_chunks2)
+        call.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_embeds,
+                    negative_pooled_prompt_embeds=neg_pooled)
     else:
         call.update(prompt_embeds=encode_chunks(pipe, p_chunks), negative_prompt_embeds=encode_chunks(pipe, n_chunks))
 

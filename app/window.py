@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
@@ -59,6 +59,31 @@ def _describe_outputs(paths: list[Path]):
             batch = ScanBatch(MERGE_OUTPUTS, [], [ScanProblem(path, str(exc))], Progress(i, len(paths)))
         yield batch
 CLOSE_GRACE_MS = 15000  # how long closing waits for running work to stop (then merge processes are killed)
+
+
+class LazyTab(QWidget):
+    """A workspace tab whose content is built the first time it is shown or asked for."""
+
+    def __init__(self, build: Callable[[], QWidget], parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self._build = build
+        self._content: Optional[QWidget] = None
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+
+    @property
+    def built(self) -> bool:
+        return self._content is not None
+
+    def content(self) -> QWidget:
+        if self._content is None:
+            self._content = self._build()
+            self.layout().addWidget(self._content)
+        return self._content
+
+    def showEvent(self, event) -> None:  # noqa: N802
+        self.content()
+        super().showEvent(event)
 
 
 class NoticeBar(QFrame):
@@ -151,15 +176,14 @@ class MainWindow(QMainWindow):
 
         self.compare = ComparePanel(self.library, self.sessions, recipe_source=self._recipe_for_compare)
         self.compare.problem.connect(lambda text: self.notify(text))
-        from app.inspect_panel import InspectPanel
-
-        self.inspect = InspectPanel(self.library, self.sessions)
-        self.inspect.problem.connect(lambda text: self.notify(text))
+        # The Inspect tab is built when first shown (or asked for): its plots need pyqtgraph and
+        # numpy, which would add about a second and 60 MB to every start-up.
+        self._inspect_host = LazyTab(self._build_inspect)
         self.workspace.addTab(self.editor, "Merge")
         self.workspace.addTab(self.lora, "LoRA")
         self.workspace.addTab(self.tokens, "Tokens")
         self.workspace.addTab(self.compare, "Compare")
-        self.workspace.addTab(self.inspect, "Inspect")
+        self.workspace.addTab(self._inspect_host, "Inspect")
         self.workspace.addTab(self.history, "History")
         centre = QWidget()
         centre_layout = QVBoxLayout(centre)
@@ -302,6 +326,18 @@ class MainWindow(QMainWindow):
     # -- notices and status ------------------------------------------------------------
     def notify(self, text: str, actions: Optional[list] = None) -> None:
         self.notice.show_message(" ".join(str(text).split()), actions or [])
+
+    @property
+    def inspect(self) -> Any:
+        """The Inspect panel (built on first use)."""
+        return self._inspect_host.content()
+
+    def _build_inspect(self) -> QWidget:
+        from app.inspect_panel import InspectPanel
+
+        panel = InspectPanel(self.library, self.sessions)
+        panel.problem.connect(lambda text: self.notify(text))
+        return panel
 
     def _recipe_for_compare(self) -> Optional[dict]:
         """The recipe being edited, as mergekit's YAML gives it (merged in memory by the Compare tab); None if empty."""
@@ -687,7 +723,8 @@ class MainWindow(QMainWindow):
         self.library_panel.stop()
         self.tokens.stop()  # no measurement starts once the window closes
         self.compare.stop()
-        self.inspect.stop()
+        if self._inspect_host.built:
+            self.inspect.stop()
         self.compare.keep_finished(CLOSE_GRACE_MS)  # the panes that finished are recorded before the store closes
         # Each job's own answer first (a merge process may have written its output just before Stop)...
         if not all(job.worker is None or job.worker.wait(CLOSE_GRACE_MS) for job in running):

@@ -547,3 +547,15 @@ def test_heatmap_view_nan_cells_grey_and_thinned_labels(qtbot):
     step = round(left[1][0] - left[0][0])
     assert all(label == f"t{int(pos - 0.5)}" and int(pos - 0.5) % step == 0 for pos, label in left)
     assert view.levels == (-0.5, 0.5)  # a constant matrix still gets a colour range
+
+
+def test_the_window_builds_the_inspect_tab_when_it_is_first_shown(qtbot, make_window):
+    """Its plots need pyqtgraph and numpy: built at start-up they cost about a second and 60 MB."""
+    from app.inspect_panel import InspectPanel
+
+    window = make_window()
+    host = window._inspect_host
+    assert not host.built
+    window.workspace.setCurrentWidget(host)
+    qtbot.waitUntil(lambda: host.built, timeout=5000)
+    assert isinstance(window.inspect, InspectPanel) and window.inspect.parent() is host

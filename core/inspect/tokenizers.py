@@ -348,7 +348,8 @@ def token_premium(models: list[ModelRef], languages: Optional[list[str]] = None)
 
     ``unknown`` counts unk tokens: a low premium made of unk tokens (a WordPiece
     vocabulary without Thai, say) means the text was lost, not tokenized cheaply.
-    A model whose tokenizer cannot be loaded gets an entry with ``error`` set.
+    A model whose tokenizer cannot be loaded, or breaks on one of the texts, gets an entry
+    with ``error`` set; the other models go on.
     """
     texts = parallel_texts()
     codes = list(texts) if languages is None else list(dict.fromkeys(languages))
@@ -369,7 +370,12 @@ def token_premium(models: list[ModelRef], languages: Optional[list[str]] = None)
                          "premium": {}, "unknown": {}, "error": str(exc)})
             continue
         for component, tok in loaded:
-            results = {code: tokenize(tok, texts[code]["text"], add_special_tokens=False) for code in codes}
+            try:
+                results = {code: tokenize(tok, texts[code]["text"], add_special_tokens=False) for code in codes}
+            except Exception as exc:  # noqa: BLE001 - a tokenizer that breaks on a language fails its own row only
+                rows.append({"model": str(model), "component": component, "tokenizer": type(tok).__name__,
+                             "counts": {}, "premium": {}, "unknown": {}, "error": _failure(model, exc)})
+                continue
             counts = {code: r.content_count for code, r in results.items()}
             english = counts[REFERENCE_LANGUAGE]  # > 0: the English sentence is never empty
             premium = {code: n / english for code, n in counts.items()}

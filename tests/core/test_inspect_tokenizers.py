@@ -226,6 +226,22 @@ def test_compare_turns_an_unexpected_tokenizer_error_into_a_row(llama_family, mi
     assert good.error is None and good.ids == _reference(llama_family["base"], TEXT)[1]
 
 
+def test_premium_turns_a_tokenizer_that_breaks_on_a_language_into_a_row(llama_family, minilm, monkeypatch):
+    real = tk.tokenize
+    greek = tk.parallel_texts()["el"]["text"]
+
+    def broken(tokenizer, text, **kw):
+        if text == greek and type(tokenizer).__name__.startswith("Bert"):
+            raise ValueError("cannot handle this script")
+        return real(tokenizer, text, **kw)
+
+    monkeypatch.setattr(tk, "tokenize", broken)
+    table = tk.token_premium([minilm, llama_family["base"]])
+    bad, good = table["models"]
+    assert bad["error"] == f"{minilm}: its tokenizer failed on the text (ValueError: cannot handle this script)."
+    assert bad["counts"] == {} and good["error"] is None and good["premium"]["en"] == 1.0
+
+
 def test_parallel_texts_file():
     texts = tk.parallel_texts()
     assert len(texts) >= 22

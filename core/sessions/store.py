@@ -645,19 +645,9 @@ class SessionStore:
                 if session is not None:
                     session.updated_at = _now()
                 s.delete(row)
-            folder = self._views_folder(session_id)
-            if folder is None:
-                return
-            failed = []
-            for image in dict.fromkeys(images):
-                if image in kept or not tokenruns.inside(image, folder):
-                    continue  # another run shows it, or it is not ours to delete
-                try:
-                    Path(image).unlink(missing_ok=True)
-                except OSError as exc:
-                    failed.append(f"{image} ({exc.strerror or exc})")
+            failed = self._remove_session_files(session_id, images, kept)
             if failed:
-                raise StoreError(f"Token run {run_id} was deleted, but its image {failed[0]} could not be removed.")
+                raise StoreError(f"Token run {run_id} was deleted, but its image {failed} could not be removed.")
 
     def token_views_dir(self, session_id: int) -> Path:
         """The folder for the view images of the session's token runs (created; removed with the session)."""
@@ -760,19 +750,26 @@ class SessionStore:
                 if session is not None:
                     session.updated_at = _now()
                 s.delete(row)
-            folder = self._views_folder(session_id)
-            if folder is None:
-                return
-            failed = []
-            for file in dict.fromkeys(files):
-                if not tokenruns.inside(file, folder):
-                    continue  # not ours to delete
-                try:
-                    Path(file).unlink(missing_ok=True)
-                except OSError as exc:
-                    failed.append(f"{file} ({exc.strerror or exc})")
+            failed = self._remove_session_files(session_id, files, set())
             if failed:
-                raise StoreError(f"Inspection {inspection_id} was deleted, but its file {failed[0]} could not be removed.")
+                raise StoreError(f"Inspection {inspection_id} was deleted, but its file {failed} could not be removed.")
+
+    def _remove_session_files(self, session_id: int, files: Sequence[str], kept: set[str]) -> Optional[str]:
+        """Remove ``files`` that lie in the session's folder and are not in ``kept`` (another record shows
+        them); a file outside the folder is not ours to delete. Returns the first that could not be
+        removed ("path (reason)"), or None."""
+        folder = self._views_folder(session_id)
+        if folder is None:
+            return None
+        failed = []
+        for file in dict.fromkeys(files):
+            if file in kept or not tokenruns.inside(file, folder):
+                continue
+            try:
+                Path(file).unlink(missing_ok=True)
+            except OSError as exc:
+                failed.append(f"{file} ({exc.strerror or exc})")
+        return failed[0] if failed else None
 
     def inspection_dir(self, session_id: int) -> Path:
         """The folder for the files of the session's inspections (created; removed with the session)."""
@@ -788,14 +785,7 @@ class SessionStore:
         what = f"inspection {row.id} in {dbfile.where(self.path)}"
 
         def decoded(field: str, text: str, kind: type) -> Any:
-            value = _loads(text, f"The {field} of {what}")
-            ok = isinstance(value, kind) and (kind is dict or all(isinstance(p, str) for p in value))
-            if not ok:
-                expected = "a JSON object" if kind is dict else "a list of paths"
-                raise StoreError(
-                    f"The {field} of {what} are not {expected}; the database was changed by another program."
-                )
-            return value
+            return _decoded(text, field, what, kind)
 
         return InspectionRecord(
             id=row.id,
@@ -910,14 +900,8 @@ class SessionStore:
     def _token_run(self, row: "S.TokenRunRow") -> TokenRunRecord:
         what = f"token run {row.id} in {dbfile.where(self.path)}"
 
-        def decoded(field: str, text: str, kind: type, ok: Any = lambda v: True) -> Any:
-            value = _loads(text, f"The {field} of {what}")
-            if not isinstance(value, kind) or not ok(value):
-                expected = "a JSON object" if kind is dict else "a list of paths"
-                raise StoreError(
-                    f"The {field} of {what} are not {expected}; the database was changed by another program."
-                )
-            return value
+        def decoded(field: str, text: str, kind: type) -> Any:
+            return _decoded(text, field, what, kind)
 
         return TokenRunRecord(
             id=row.id,
@@ -928,7 +912,7 @@ class SessionStore:
             method=row.method,
             options=decoded("options", row.options, dict),
             figures=decoded("figures", row.figures, dict),
-            images=decoded("images", row.images, list, lambda v: all(isinstance(p, str) for p in v)),
+            images=decoded("images", row.images, list),
             label=row.label,
         )
 
@@ -1066,6 +1050,16 @@ def _json_object(value: Any, what: str) -> str:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"The {what} cannot be saved as JSON ({exc}).") from None
+
+
+def _decoded(text: str, field: str, what: str, kind: type) -> Any:
+    """A JSON field of a record: a JSON object (``kind`` dict) or a list of path strings (``kind`` list)."""
+    value = _loads(text, f"The {field} of {what}")
+    ok = isinstance(value, kind) and (kind is dict or all(isinstance(p, str) for p in value))
+    if not ok:
+        expected = "a JSON object" if kind is dict else "a list of paths"
+        raise StoreError(f"The {field} of {what} are not {expected}; the database was changed by another program.")
+    return value
 
 
 def _loads(text: str, what: str) -> Any:

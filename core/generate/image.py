@@ -49,7 +49,7 @@ from core.generate.text import (
     _reason,
     free_memory,
 )
-from core.jobs import CancelToken
+from core.jobs import CancelToken, drive
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -460,16 +460,8 @@ def compare_images(
     on_event: Optional[Callable[[ImageEvent], None]] = None,
 ) -> list[ImageResult]:
     """Run :func:`iter_compare_images` to the end (``on_event`` sees every event); return the results."""
-    work = iter_compare_images(sources, settings, device=device, cancel=cancel)
-    try:
-        while True:
-            event = next(work)
-            if on_event is not None:
-                on_event(event)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        work.close()
+    # ``cancel`` goes to the comparison, not to drive(): a stopped run still returns its panes.
+    return drive(iter_compare_images(sources, settings, device=device, cancel=cancel), on_event)
 
 
 def _compare(

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Optional, Union
 
 from core.errors import MergeStudioError
-from core.jobs import CancelToken
+from core.jobs import CancelToken, drive
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -666,16 +666,8 @@ def compare_text(
     on_event: Optional[Callable[[TextEvent], None]] = None,
 ) -> list[PaneResult]:
     """Run :func:`iter_compare_text` to the end (``on_event`` sees every event); return the results."""
-    work = iter_compare_text(sources, settings, device=device, cancel=cancel)
-    try:
-        while True:
-            event = next(work)
-            if on_event is not None:
-                on_event(event)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        work.close()
+    # ``cancel`` goes to the comparison, not to drive(): a stopped run still returns its panes.
+    return drive(iter_compare_text(sources, settings, device=device, cancel=cancel), on_event)
 
 
 def _compare(

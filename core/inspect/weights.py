@@ -47,7 +47,6 @@ from core.merge.layers import detect_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
 
 ModelRef = Union[str, Path]
 
@@ -183,60 +182,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
-
-
-# ----------------------------------------------------------------------------- one tensor
-
-
-def top_share(abs_delta: "torch.Tensor", fraction: float = TOP_FRACTION) -> float:
-    """Share of ``sum |delta|`` in the ``ceil(fraction * numel)`` largest entries of a flat
-    ``abs_delta [numel]`` (0 when all are zero).
-
-    The k-th largest value comes from a selection (``kthvalue``), not a sort; entries tied
-    with it are counted only as often as needed to make up exactly k entries.
-    """
-    n = abs_delta.numel()
-    total = float(abs_delta.sum())
-    k = math.ceil(fraction * n)
-    if n == 0 or total == 0.0 or k == 0:
-        return 0.0
-    threshold = abs_delta.kthvalue(n - k + 1).values
-    above = abs_delta > threshold
-    count_above = int(above.sum())
-    top = float(abs_delta[above].sum()) + (k - count_above) * float(threshold)
-    return top / total
-
-
-def tensor_figures(ref: "torch.Tensor", deltas: Sequence["torch.Tensor"]) -> dict[str, Any]:
-    """The figures of :class:`TensorDiff` from ``ref`` and task vectors ``deltas [M] x shape``
-    (all in the same floating dtype, ideally float64)."""
-    import torch
-
-    ref_norm = float(torch.linalg.vector_norm(ref))
-    flat = [d.reshape(-1) for d in deltas]
-    norms = [float(torch.linalg.vector_norm(d)) for d in flat]
-    rel = [0.0 if n == 0.0 else (n / ref_norm if ref_norm > 0.0 else math.nan) for n in norms]
-    top = [top_share(d.abs()) for d in flat]
-    m = len(flat)
-    cosine = sign_conflict = None
-    if m >= 2:
-        cosine = [[0.0] * m for _ in range(m)]
-        for i in range(m):
-            for j in range(i, m):
-                if norms[i] > 0.0 and norms[j] > 0.0:
-                    c = 1.0 if i == j else float(torch.dot(flat[i], flat[j])) / (norms[i] * norms[j])
-                    cosine[i][j] = cosine[j][i] = c
-        positive = torch.zeros(flat[0].shape, dtype=torch.bool, device=flat[0].device)
-        negative = torch.zeros_like(positive)
-        nonzero = torch.zeros(flat[0].shape, dtype=torch.int32, device=flat[0].device)
-        for d in flat:
-            positive |= d > 0
-            negative |= d < 0
-            nonzero += d != 0
-        eligible = nonzero >= 2
-        n_eligible = int(eligible.sum())
-        sign_conflict = int((eligible & positive & negative).sum()) / n_eligible if n_eligible else 0.0
-    return {"rel_l2": rel, "abs_l2": norms, "top10_share": top, "cosine": cosine, "sign_conflict": sign_conflict}
 
 
 # ----------------------------------------------------------------------------- the job

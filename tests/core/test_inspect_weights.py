@@ -111,7 +111,9 @@ def test_tensor_figures_by_hand():
     d1 = torch.tensor([1.0, -1.0, 0.0, 2.0], dtype=torch.float64)
     d2 = torch.tensor([1.0, 0.0, 0.0, 3.0], dtype=torch.float64)
     d3 = torch.tensor([-1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    f = wd.tensor_figures(ref, [d1, d2, d3])
+    from core.inspect import chunked
+
+    f = chunked.figures(ref, [ref + d for d in (d1, d2, d3)], torch.float64)
     # entry 0: three non-zero, signs disagree; entry 3: two non-zero, agree; 1 and 2: < 2 non-zero.
     assert f["sign_conflict"] == 0.5
     assert f["abs_l2"] == pytest.approx([math.sqrt(6), math.sqrt(10), 1.0])
@@ -119,8 +121,9 @@ def test_tensor_figures_by_hand():
     # top 10 % of 4 entries = ceil(0.4) = 1 entry.
     assert f["top10_share"] == pytest.approx([2 / 4, 3 / 4, 1.0])
     # Ties: 11 equal entries, k = ceil(1.1) = 2 of them.
-    assert wd.top_share(torch.ones(11, dtype=torch.float64)) == pytest.approx(2 / 11)
-    assert wd.top_share(torch.zeros(7, dtype=torch.float64)) == 0.0
+    ones, zeros = torch.ones(11, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    assert chunked.top_share_chunked(lambda a, b: ones[a:b], 11, 11.0, 1.0) == pytest.approx(2 / 11)
+    assert chunked.top_share_chunked(lambda a, b: zeros[a:b], 7, 0.0, 0.0) == 0.0
 
 
 def test_identical_models_give_zeros(llama_family):

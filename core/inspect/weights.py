@@ -278,7 +278,7 @@ def iter_weight_diff(
             # costs its size on disk once per model, not several float64 copies.
             ref_t = ref.get(name).to(device=device)
             tensors = [o.get(name).to(device=device) for o in others]
-            figures = chunked.figures(ref_t, tensors, dtype)
+            figures = chunked.figures(ref_t, tensors, dtype, TOP_FRACTION)
             del ref_t, tensors
             split = layout.split(name)
             layer, module = split if split is not None else (None, name)

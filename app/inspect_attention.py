@@ -227,11 +227,8 @@ class AttentionTab(InspectTab):
         buttons.addWidget(self.capture_button)
         buttons.addWidget(self.stop_button)
         form.addRow(buttons)
-        form.addRow(self.progress)
-        form.addRow(self.status_label)
-        form.addRow(self.problem_label)
-        form.addRow(QLabel("Earlier results"))
-        form.addRow(self.earlier_list)
+        for widget in self.status_widgets():
+            form.addRow(widget)
         left = QWidget()
         left.setLayout(form)
 

@@ -114,6 +114,10 @@ class InspectTab(QWidget):
         self.earlier_list.setMaximumHeight(120)
         self.earlier_list.itemDoubleClicked.connect(lambda item: self.reload(self.earlier_list.row(item)))
 
+    def status_widgets(self) -> list[QWidget]:
+        """What every tab shows under its buttons, in order: progress, status, problem, earlier results."""
+        return [self.progress, self.status_label, self.problem_label, QLabel("Earlier results"), self.earlier_list]
+
     # -- running work ----------------------------------------------------------------
     def idle(self) -> bool:
         return self.worker is None

@@ -157,11 +157,8 @@ class TokensTab(InspectTab):
         buttons.addWidget(self.parallel_button)
         buttons.addWidget(self.stop_button)
         l_layout.addLayout(buttons)
-        l_layout.addWidget(self.progress)
-        l_layout.addWidget(self.status_label)
-        l_layout.addWidget(self.problem_label)
-        l_layout.addWidget(QLabel("Earlier results"))
-        l_layout.addWidget(self.earlier_list)
+        for widget in self.status_widgets():
+            l_layout.addWidget(widget)
 
         self.result_tabs = QTabWidget()
         counts_page = QSplitter(Qt.Orientation.Vertical)

@@ -157,11 +157,8 @@ class WeightsTab(InspectTab):
         buttons.addWidget(self.compare_button)
         buttons.addWidget(self.stop_button)
         l_layout.addLayout(buttons)
-        l_layout.addWidget(self.progress)
-        l_layout.addWidget(self.status_label)
-        l_layout.addWidget(self.problem_label)
-        l_layout.addWidget(QLabel("Earlier results"))
-        l_layout.addWidget(self.earlier_list)
+        for widget in self.status_widgets():
+            l_layout.addWidget(widget)
 
         right = QWidget()
         r_layout = QVBoxLayout(right)

@@ -135,13 +135,13 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, rss_kb / 1e6, proc.stdout
 
 
-def io_floor(models: dict[str, Path], inputs: list[str], out_bytes: int, scratch: Path) -> float:
-    """Read each input once and write one output of the same size, with fsync."""
+def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Read each input file once and write one output of ``out_bytes``, with fsync."""
     buf = bytearray(64 * 1024 * 1024)
     view = memoryview(buf)
     start = time.perf_counter()
-    for name in inputs:
-        with open(models[name] / "model.safetensors", "rb", buffering=0) as f:
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
             while f.readinto(view):
                 pass
     target = scratch / "floor.bin"
@@ -191,7 +191,8 @@ def main() -> None:
                     timings[label].append((wall, rss))
                     if label == "ours":
                         inside.append(json.loads(stdout)["seconds"])
-        floor = statistics.median(io_floor(models, inputs, size, OUT) for _ in range(3))
+        files = [models[name] / "model.safetensors" for name in inputs]
+        floor = statistics.median(io_floor(files, size, OUT) for _ in range(3))
         ours_t = statistics.median(w for w, _ in timings["ours"])
         theirs_t = statistics.median(w for w, _ in timings["mergekit"])
         ours_m = statistics.median(r for _, r in timings["ours"])

@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from bench_merge import timed  # noqa: E402  (same measurement: GNU time's peak RSS)
+from bench_merge import io_floor, timed  # noqa: E402  (the same measurements: I/O floor, GNU time's peak RSS)
 from core.io.sd import is_buffer  # noqa: E402
 from tests.fixtures import sd_checkpoints as F  # noqa: E402
 
@@ -116,28 +116,6 @@ def recipe_settings(paths: dict[str, Path]) -> dict[str, tuple[dict, dict, list[
         "add_difference": ({"merge_method": "add_difference", "models": [{"model": str(p)} for p in abc],
                             "parameters": {"multiplier": mult}}, mult, abc),
     }
-
-
-def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
-    """Read each input once and write one output of the same size, with fsync."""
-    buf = bytearray(64 * 1024 * 1024)
-    view = memoryview(buf)
-    start = time.perf_counter()
-    for path in inputs:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
-    target = scratch / "floor.bin"
-    with open(target, "wb", buffering=0) as f:
-        left = out_bytes
-        while left > 0:
-            n = min(left, len(buf))
-            f.write(view[:n])
-            left -= n
-        os.fsync(f.fileno())
-    elapsed = time.perf_counter() - start
-    target.unlink()
-    return elapsed
 
 
 def max_difference(ours: Path, theirs: Path) -> float:

@@ -1,8 +1,8 @@
 """Atomic outputs of the LoRA operations.
 
 * :class:`AtomicFile`: a single ``.safetensors`` output, written inside a hidden
-  folder beside the target and renamed into place at the end (the folder
-  counterpart is :class:`core.io.writer.AtomicOutput`).
+  folder beside the target and renamed into place at the end
+  (:class:`core.io.writer.AtomicOutput` as a single file).
 * :class:`TensorSpool`: writes a safetensors file whose tensor shapes are known
   only as they are computed (an extracted LoRA's rank comes out of its SVD).
   Tensors are appended to a scratch file as they come, so memory holds one
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from core.errors import MergeStudioError, ModelError
+from core.errors import MergeStudioError
 from core.io.tensors import dtype_name
 from core.io.writer import AtomicOutput, OutputTensor, _as_bytes, _disk_error, plan_shards
 
@@ -32,48 +31,25 @@ OUTPUT_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", 
 NOT_COPIED = ("README.md", "mergekit_config.yml")
 
 
-class AtomicFile:
-    """``with AtomicFile(target) as tmp_file:`` write ``tmp_file``; renamed to ``target`` on success."""
+class AtomicFile(AtomicOutput):
+    """``with AtomicFile(target) as tmp_file:`` write ``tmp_file``; renamed to ``target`` on success.
+
+    :class:`core.io.writer.AtomicOutput` in its single-file form, which must be a
+    ``.safetensors`` file; entering gives the file to write rather than its folder.
+    """
 
     def __init__(self, target: Path, overwrite: bool = False) -> None:
-        self.target = Path(target).absolute()
-        self.overwrite = overwrite
-        self.temp: Optional[Path] = None
+        super().__init__(target, overwrite, single_file=True)
 
     def check(self) -> None:
         """Raise if the target cannot be written; call before any weight is read."""
-        target = self.target
-        if target.suffix != ".safetensors":
-            raise MergeStudioError(f"{target}: a single-file output must end in .safetensors.")
-        if target.is_dir():
-            raise MergeStudioError(f"{target}: is a folder; give a .safetensors file name.")
-        if target.exists() and not self.overwrite:
-            raise MergeStudioError(f"{target}: exists; pass --overwrite to replace it.")
-        parent = target.parent
-        if not parent.is_dir():
-            raise MergeStudioError(f"{parent}: the output's folder does not exist.")
-        if not os.access(parent, os.W_OK):
-            raise MergeStudioError(f"{parent}: no permission to write here.")
+        if self.target.suffix != ".safetensors":
+            raise MergeStudioError(f"{self.target}: a single-file output must end in .safetensors.")
+        super().check()
 
     def __enter__(self) -> Path:
-        self.check()
-        try:
-            self.temp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        except OSError as exc:
-            raise _disk_error(self.target, exc) from None
-        return self.temp / self.target.name
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        assert self.temp is not None
-        try:
-            if exc_type is None:
-                try:
-                    os.replace(self.temp / self.target.name, self.target)
-                except OSError as error:
-                    raise ModelError(f"{self.target}: cannot move the finished output into place ({error}).") from None
-        finally:
-            shutil.rmtree(self.temp, ignore_errors=True)
-        return False
+        super().__enter__()
+        return self.file
 
 
 def output_dtype(name: Optional[str], fallback: "torch.dtype") -> "torch.dtype":

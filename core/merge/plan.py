@@ -251,14 +251,7 @@ def _check_output_holds_no_input(models: list[InputModel], output: Path) -> None
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
     known = [p.name for p in method.parameters]
-    places: list[tuple[str, dict]] = [("parameters", recipe.parameters)]
-    for i, m in enumerate(recipe.models or []):
-        places.append((f"models[{i}].parameters", m.parameters))
-    for i, s in enumerate(recipe.slices or []):
-        places.append((f"slices[{i}].parameters", s.parameters))
-        for j, src in enumerate(s.sources):
-            places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
-    for where, params in places:
+    for where, params in recipe.parameter_places():
         for name in params:
             if name not in known:
                 import difflib

@@ -124,6 +124,17 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
+    def parameter_places(self) -> list[tuple[str, dict[str, Setting]]]:
+        """Every parameters mapping of the recipe with where it is written (``models[1].parameters``)."""
+        places: list[tuple[str, dict[str, Setting]]] = [("parameters", self.parameters)]
+        for i, m in enumerate(self.models or []):
+            places.append((f"models[{i}].parameters", m.parameters))
+        for i, s in enumerate(self.slices or []):
+            places.append((f"slices[{i}].parameters", s.parameters))
+            for j, src in enumerate(s.sources):
+                places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+        return places
+
     def model_refs(self) -> list[str]:
         """Every model referenced, in first-appearance order, base model included."""
         refs: list[str] = []

@@ -89,7 +89,7 @@ def prepare(recipe: Any, method: Any, models: list[Any], open_vae: Callable[[str
     """
     infos = [(m.ref, m.sd) for m in models]
     sd.check_kinds(infos)
-    places = _parameter_places(recipe)
+    places = recipe.parameter_places()
     is_sd = bool(models) and models[0].sd is not None
     if not is_sd:
         note = f"model '{models[0].ref}' is not one" if models else "there are no models"
@@ -129,17 +129,6 @@ def prepare(recipe: Any, method: Any, models: list[Any], open_vae: Callable[[str
     hooks.uses_blocks = check_settings(places, method, hooks.blocks, refusal)
     hooks.block_params = {name for _, params in places for name, s in params.items() if is_block_setting(s)}
     return hooks
-
-
-def _parameter_places(recipe: Any) -> list[tuple[str, dict]]:
-    places: list[tuple[str, dict]] = [("parameters", recipe.parameters)]
-    for i, m in enumerate(recipe.models or []):
-        places.append((f"models[{i}].parameters", m.parameters))
-    for i, s in enumerate(recipe.slices or []):
-        places.append((f"slices[{i}].parameters", s.parameters))
-        for j, src in enumerate(s.sources):
-            places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
-    return places
 
 
 def _check_patterns(hooks: PlanHooks, models: list[Any]) -> None:

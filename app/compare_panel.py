@@ -408,15 +408,12 @@ class ComparePanel(QWidget):
         worker.start()
 
     def _request(self, chosen: list[tuple[str, str]], prompt: str) -> tuple[list, Any]:
+        from core.generate import unique_label
+
         labels: set[str] = set()
 
         def unique(name: str) -> str:
-            label, n = name, 1
-            while label in labels:
-                n += 1
-                label = f"{name} ({n})"
-            labels.add(label)
-            return label
+            return unique_label(name, labels)
 
         if self._mode == "text":
             from core.generate.text import TextSettings, TextSource

@@ -11,3 +11,13 @@ holds one model at a time. The work is a generator of events (``PaneStarted``,
 function drives it. Importing this package is cheap: nothing here imports torch,
 transformers or diffusers at module level.
 """
+
+
+def unique_label(name: str, taken: set[str]) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... the first not in ``taken`` (which it joins): pane labels."""
+    label, n = name, 1
+    while label in taken:
+        n += 1
+        label = f"{name} ({n})"
+    taken.add(label)
+    return label

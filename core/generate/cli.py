@@ -72,13 +72,9 @@ def _device(name: str) -> str:
 
 def _label(path: Path, taken: set[str]) -> str:
     """The folder's name, made unique among the panes (``a``, ``a (2)``)."""
-    base = path.name or str(path)
-    label, n = base, 1
-    while label in taken:
-        n += 1
-        label = f"{base} ({n})"
-    taken.add(label)
-    return label
+    from core.generate import unique_label
+
+    return unique_label(path.name or str(path), taken)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -526,3 +526,10 @@ def test_a_recipe_that_breaks_the_planner_fails_its_own_pane_only(llama_family, 
     assert results[0].status == "failed"
     assert results[0].error == "The recipe: cannot be planned as a merge (KeyError: 'models')."
     assert results[1].status == "done" and results[1].new_tokens == 3
+
+
+def test_pane_labels_are_made_unique():
+    from core.generate import unique_label
+
+    taken: set[str] = set()
+    assert [unique_label(n, taken) for n in ("a", "a", "b", "a")] == ["a", "a (2)", "b", "a (3)"]

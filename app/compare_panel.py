@@ -197,6 +197,7 @@ class ComparePanel(QWidget):
         self.negative_edit.setMaximumHeight(50)
         prompts.addWidget(self.prompt_edit)
         prompts.addWidget(self.negative_edit)
+        prompts.addStretch(1)  # the prompt stays at the top beside the taller settings
         settings.addLayout(prompts, 3)
 
         self.text_box = QGroupBox("Sampling")

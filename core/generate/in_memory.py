@@ -101,15 +101,15 @@ def check_memory(plan: "MergePlan", where: str, max_bytes: Optional[int] = None)
     need = needed_bytes(plan)
     if max_bytes is not None and need > max_bytes:
         raise MergeStudioError(
-            f"{where}: the merged model needs about {_gb(need)} in memory, more than the limit of "
-            f"{_gb(max_bytes)} (max_bytes); merge it to disk with `mergestudio merge` instead."
+            f"{where}: the merged model needs about {size_text(need)} in memory, more than the limit of "
+            f"{size_text(max_bytes)} (max_bytes); merge it to disk with `mergestudio merge` instead."
         )
     free = available_memory()
     if free is None:
         return ["Available memory is unknown on this system (no psutil, no /proc/meminfo); it was not checked."]
     if need > free:
         raise MergeStudioError(
-            f"{where}: the merged model needs about {_gb(need)} in memory but only {_gb(free)} is available; "
+            f"{where}: the merged model needs about {size_text(need)} in memory but only {size_text(free)} is available; "
             "merge it to disk with `mergestudio merge` instead."
         )
     return []
@@ -184,5 +184,6 @@ def merge_in_memory(
     return merged.state, merged.folder
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def size_text(n: int) -> str:
+    """``1.23 GB``, or ``4.6 MB`` below a tenth of a gigabyte (a tiny model is not "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -717,8 +717,10 @@ def _run_pane(
             if merged is None:
                 result.status, result.finish_reason = "stopped", "stopped"
                 return result
+            from core.generate.in_memory import size_text
+
             result.notes.extend(merged.notes)
-            result.notes.append(f"Merged in memory ({merged.bytes / 1e9:.2f} GB); config from {merged.folder}.")
+            result.notes.append(f"Merged in memory ({size_text(merged.bytes)}); config from {merged.folder}.")
         config = _config_of(source, prep.where, merged)
         _check_causal(config, prep.where)
         limit = _max_positions(config)

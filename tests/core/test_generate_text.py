@@ -387,7 +387,7 @@ def test_recipe_pane_generates_what_the_written_merge_generates(disk_merge):
     mem, disk = results
     assert mem.status == disk.status == "done"
     assert mem.token_ids == disk.token_ids and mem.text == disk.text
-    assert mem.model is None and any("Merged in memory" in n for n in mem.notes)
+    assert mem.model is None and any("Merged in memory" in n and " MB)" in n for n in mem.notes)  # not "0.00 GB"
     merging = [e for e in events if isinstance(e, PaneMerging)]
     assert merging and merging[-1].done == merging[-1].total and all(e.pane == 0 for e in merging)
 
